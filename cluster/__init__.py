@@ -1,0 +1,1 @@
+"""Runtime infrastructure: storage, metrics, rank arithmetic, Ray connection, the CLI."""

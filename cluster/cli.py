@@ -1,0 +1,49 @@
+"""The `metatrainer` command.
+
+    metatrainer demo                          # sample digits → shards → train → test accuracy
+    metatrainer prep SRC DST                  # ImageFolder → WebDataset shards + manifest.json
+    metatrainer train --data DST --storage RUNS --name RUN
+    metatrainer evaluate --checkpoint RUNS/RUN --data DST
+
+Each subcommand is defined next to the code it runs; this module only dispatches and turns a
+`UserError` into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cluster.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep.cli import add_prep_command
+    from training.cli import add_demo_command, add_evaluate_command, add_train_command
+
+    parser = argparse.ArgumentParser(
+        prog="metatrainer",
+        description="Meta-train a frozen ResNet-50 on WebDataset shards with Ray Train.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_command(sub)
+    add_prep_command(sub)
+    add_train_command(sub)
+    add_evaluate_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"metatrainer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metatrainer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ImageFolder directories to WebDataset shards plus a manifest (the data contract)."""
