@@ -1,0 +1,229 @@
+"""Subcommands `train`, `evaluate` and `demo`; flags map one to one onto `TrainConfig`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from training.config import TrainConfig
+from training.model import STAGES
+
+DEFAULTS = TrainConfig()
+
+
+def _stages(text: str) -> list[str]:
+    if text in ("", "none"):
+        return []
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage {bad[0]!r}; choose from {','.join(STAGES)}"
+        )
+    return stages
+
+
+def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAULTS) -> None:
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--weights",
+        default=defaults.weights,
+        help="backbone weights: imagenet (torchvision's DEFAULT), IMAGENET1K_V1, IMAGENET1K_V2, "
+        "none (random, seeded), or a local resnet50 state_dict file (default: %(default)s)",
+    )
+    m.add_argument(
+        "--adapters",
+        type=_stages,
+        default=defaults.adapters,
+        help=f"comma-separated stages that get residual adapters, from {','.join(STAGES)}, "
+        "or none (default: none)",
+    )
+    m.add_argument(
+        "--meta-lambda",
+        type=float,
+        default=defaults.meta_lambda,
+        help="weight of the adapter penalty (default: %(default)s)",
+    )
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    o.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="per worker (default: %(default)s)",
+    )
+    o.add_argument("--lr", type=float, default=defaults.lr, help="Adam (default: %(default)s)")
+    o.add_argument(
+        "--lr-step",
+        type=int,
+        default=defaults.lr_step,
+        help="StepLR step in epochs (default: %(default)s)",
+    )
+    o.add_argument(
+        "--lr-gamma",
+        type=float,
+        default=defaults.lr_gamma,
+        help="StepLR factor (default: %(default)s)",
+    )
+    o.add_argument(
+        "--image-size", type=int, default=defaults.image_size, help="(default: %(default)s)"
+    )
+    o.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        default=defaults.augment,
+        help="turn off random resized crops and flips",
+    )
+    o.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    c = p.add_argument_group("cluster")
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="training workers, one DDP rank each (default: %(default)s)",
+    )
+    c.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=defaults.gpus_per_worker,
+        help="0 trains on CPU with gloo (default: %(default)s)",
+    )
+    c.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=defaults.cpus_per_worker,
+        help="(default: %(default)s)",
+    )
+    c.add_argument(
+        "--loader-workers",
+        type=int,
+        default=defaults.loader_workers,
+        help="DataLoader processes per worker (default: %(default)s)",
+    )
+    c.add_argument(
+        "--max-failures",
+        type=int,
+        default=defaults.max_failures,
+        help="worker-group restarts from the latest checkpoint (default: %(default)s)",
+    )
+    c.add_argument(
+        "--metrics-port",
+        type=int,
+        default=defaults.metrics_port,
+        help="workers serve /metrics on this port + local rank; 0 disables (default: %(default)s)",
+    )
+    c.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{**values, **overrides})
+
+
+def add_train_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="meta-train on prepared datasets with Ray Train",
+        description="Train adapters and one head per dataset on a frozen ResNet-50. Running "
+        "again with the same --storage and --name resumes from the latest checkpoint.",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="DST",
+        help="prepared dataset (repeat for meta-training on several)",
+    )
+    p.add_argument(
+        "--storage",
+        required=True,
+        metavar="RUNS",
+        help="where checkpoints and results go (shared path or s3://)",
+    )
+    p.add_argument("--name", required=True, metavar="RUN", help="run name, the resume key")
+    add_training_flags(p)
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.driver import run_training
+
+    outcome = run_training(config_from_args(args), args.address)
+    print_outcome(outcome)
+    return 0
+
+
+def print_outcome(outcome) -> None:
+    m = outcome.metrics
+    acc = m.get("test_accuracy")
+    print()
+    print(
+        f"test accuracy   {acc:.4f}" if acc is not None else "test accuracy   n/a (no test split)"
+    )
+    print(f"run directory   {outcome.run_dir}")
+    print(f"checkpoint      {outcome.checkpoint}")
+    print(f"result          {outcome.result_file}")
+    print(f"fingerprint     {m.get('fingerprint')}")
+    urls = [u for u in m.get("metrics_urls") or [] if u]
+    if urls:
+        print(f"metrics         {', '.join(urls)} (served while workers run)")
+
+
+def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy of a checkpoint on a split (no Ray needed)",
+        description="Load a checkpoint (a state.pt, a checkpoint directory, or a run directory "
+        "for its newest checkpoint) and report accuracy on a split of the datasets.",
+    )
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint dir or file")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="DST",
+        help="datasets, one per head, in training order (default: those it trained on)",
+    )
+    p.add_argument("--split", default="test", help="(default: %(default)s)")
+    p.add_argument("--loader-workers", type=int, default=2, help="(default: %(default)s)")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.loader_workers)
+    print(f"{'dataset':<50} {'samples':>8} {'accuracy':>9}")
+    for dataset, accuracy, n in results:
+        print(f"{dataset:<50} {n:>8} {accuracy:>9.4f}")
+    return 0
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    from training.demo import DEMO_DEFAULTS
+
+    p = sub.add_parser(
+        "demo",
+        help="end to end on sample data: digits → shards → 2-worker training → test accuracy",
+        description="Writes scikit-learn's 1,797 handwritten digits as an ImageFolder of JPEGs, "
+        "shards it, trains on a local Ray cluster and prints the test accuracy.",
+    )
+    p.add_argument(
+        "--workdir",
+        default="./metatrainer-demo",
+        help="where images, shards and runs go (default: %(default)s)",
+    )
+    add_training_flags(p, DEMO_DEFAULTS)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.demo import run_demo
+
+    run_demo(args.workdir, config_from_args(args), args.address)
+    return 0

@@ -1,0 +1,54 @@
+"""Typed training configuration: defaults here, overridden by CLI flags.
+
+The resolved config is stored in every checkpoint and in `result.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)
+    """Prepared dataset locations (each a directory or s3:// prefix holding manifest.json)."""
+    storage: str = "./runs"
+    """Where Ray Train writes checkpoints and results: a shared path or s3:// prefix."""
+    name: str = "run"
+    """Run name; running again with the same name resumes from the latest checkpoint."""
+
+    weights: str = "imagenet"
+    """Backbone weights: `imagenet`, `IMAGENET1K_V1`, `IMAGENET1K_V2`, `none`, or a local file."""
+    adapters: list[str] = field(default_factory=list)
+    """ResNet stages (layer1..layer4) whose bottlenecks get a zero-initialised 1×1 adapter."""
+    meta_lambda: float = 1e-3
+    """Weight λ of the adapter penalty Σ_i mean(r_i²) in the meta-loss."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    """Per worker; the effective batch is batch_size × workers."""
+    lr: float = 1e-3
+    lr_step: int = 5
+    """StepLR step size in epochs."""
+    lr_gamma: float = 0.1
+    image_size: int = 224
+    augment: bool = True
+    """Random resized crop + horizontal flip on training images."""
+    seed: int = 1234
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 2
+    """DataLoader worker processes per training worker (0: decode in the training process)."""
+    max_failures: int = 3
+    metrics_port: int = 9100
+    """Workers serve /metrics on this port + their local rank; 0 disables."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

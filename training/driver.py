@@ -1,0 +1,105 @@
+"""The driver: check the inputs, build a TorchTrainer, run it, write `result.json`.
+
+    metatrainer train --data ./shards --storage ./runs --name digits --workers 2
+
+Run the same command again with the same --storage and --name and Ray Train finds the run's
+checkpoints there: training resumes after the latest one instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster import storage
+from cluster.errors import UserError
+from cluster.ray_cluster import connect
+from data_prep.manifest import read_manifest
+from training.config import TrainConfig
+from training.data import steps_per_epoch
+from training.loop import train_loop_per_worker
+from training.model import load_resnet50
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: str
+    result_file: str
+    checkpoint: str | None
+    metrics: dict
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail here, in one line, rather than in every worker after Ray has started them."""
+    if not cfg.data:
+        raise UserError("give at least one --data location (a `metatrainer prep` output)")
+    for d in cfg.data:
+        m = read_manifest(d)
+        n = m.num_samples("train")
+        if steps_per_epoch(n, cfg.workers, cfg.batch_size) == 0:
+            raise UserError(
+                f"{d}: the train split has {n} samples, fewer than {cfg.workers} workers × "
+                f"batch {cfg.batch_size}; lower --batch-size or --workers"
+            )
+    if cfg.weights != "none":
+        # Validates a local file, or downloads the ImageNet weights into the torch hub cache
+        # once (workers on this node then read the cache) and fails in one line if it cannot.
+        load_resnet50(cfg.weights, cfg.seed)
+
+
+def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
+    cfg.data = [storage.normalize(d) for d in cfg.data]
+    cfg.storage = storage.normalize(cfg.storage)
+    preflight(cfg)
+    connect(address)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise UserError(f"training failed: {_root_cause(e)}") from None
+    run_dir = storage.join(cfg.storage, cfg.name)
+    metrics = dict(result.metrics or {})
+    document = {"config": cfg.to_dict(), **metrics}
+    result_file = storage.join(run_dir, RESULT_FILE)
+    storage.write_bytes(result_file, (json.dumps(document, indent=2) + "\n").encode())
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(run_dir, result_file, checkpoint, metrics)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first user-facing message among the workers' failures, else a short description."""
+    seen: list[BaseException] = []
+    stack: list[BaseException] = [error]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, UserError):
+            return str(e).splitlines()[0]
+        stack.extend(getattr(e, "worker_failures", {}).values())
+        for nested in (getattr(e, "controller_failure", None), e.__cause__, e.__context__):
+            if nested is not None:
+                stack.append(nested)
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__

@@ -1,0 +1,83 @@
+"""Accuracy of a model on a split: used after each epoch, at the end of training, and by
+`metatrainer evaluate`, which loads a checkpoint and works without Ray.
+
+    metatrainer evaluate --checkpoint ./runs/demo --data ./shards --split test
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster import storage
+from cluster.errors import UserError
+from cluster.world import World
+from data_prep.manifest import Manifest, read_manifest
+from training.checkpoint import find_checkpoint, load_state
+from training.config import TrainConfig
+from training.data import ShardBatches, build_loader
+from training.model import MetaModel, build_model
+
+
+def eval_batches(
+    dataset: str, manifest: Manifest, split: str, cfg: TrainConfig, world: World
+) -> ShardBatches:
+    return ShardBatches(
+        dataset,
+        manifest.shards(split),
+        world,
+        batch_size=cfg.batch_size,
+        image_size=cfg.image_size,
+        train=False,
+        augment=False,
+        seed=cfg.seed,
+        num_classes=len(manifest.classes),
+    )
+
+
+@torch.no_grad()
+def count_correct(
+    model: MetaModel, head: int, batches: ShardBatches, device: torch.device, loader_workers: int
+) -> tuple[int, int]:
+    """(correct, total) of head `head` over this rank's part of the split."""
+    model.eval()
+    correct = total = 0
+    for images, labels in build_loader(batches, loader_workers):
+        features = model.features(images.to(device))
+        predicted = model.heads[head](features).argmax(dim=1).cpu()
+        correct += int((predicted == labels).sum())
+        total += len(labels)
+    return correct, total
+
+
+def evaluate_checkpoint(
+    checkpoint: str, data: list[str] | None = None, split: str = "test", loader_workers: int = 2
+) -> list[tuple[str, float, int]]:
+    """[(dataset, accuracy, samples)] of the checkpoint's heads on `split`, on one process."""
+    path = find_checkpoint(storage.local_path(checkpoint))
+    state = load_state(path)
+    cfg = TrainConfig.from_dict(state["config"])
+    data = data or cfg.data
+    if len(data) != len(cfg.data):
+        raise UserError(
+            f"the checkpoint has {len(cfg.data)} heads (datasets {', '.join(cfg.data)}); give "
+            f"that many --data locations in the same order"
+        )
+    manifests = [read_manifest(d) for d in data]
+    for d, m, classes in zip(data, manifests, state["classes"], strict=True):
+        if m.classes != classes:
+            raise UserError(f"{d} has classes {m.classes[:5]}…, the checkpoint {classes[:5]}…")
+    model = build_model(cfg.weights, [len(m.classes) for m in manifests], cfg.adapters, cfg.seed)
+    if model.backbone_fingerprint() != state["backbone"]["sha256"]:
+        raise UserError(
+            f"--weights {cfg.weights} now gives a different backbone than the one this "
+            "checkpoint was trained with"
+        )
+    model.load_trainable(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = []
+    for i, (d, m) in enumerate(zip(data, manifests, strict=True)):
+        batches = eval_batches(d, m, split, cfg, World())
+        correct, total = count_correct(model, i, batches, device, loader_workers)
+        results.append((d, correct / max(total, 1), total))
+    return results

@@ -1,0 +1,193 @@
+"""The model: a frozen ResNet-50, optional residual adapters inside it, and one head per dataset.
+
+Plain PyTorch (no Ray). Every backbone parameter is frozen and every BatchNorm is replaced by
+`FrozenBatchNorm2d`, so the backbone's output never depends on train/eval mode or on the other
+images in a batch: `model.train()` on a merely `requires_grad=False` BatchNorm would still update
+its running statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet50_Weights, resnet50
+from torchvision.ops import FrozenBatchNorm2d
+
+from cluster.errors import UserError
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+FEATURE_DIM = 2048
+WEIGHT_ENUMS = {
+    "imagenet": ResNet50_Weights.DEFAULT,
+    "IMAGENET1K_V1": ResNet50_Weights.IMAGENET1K_V1,
+    "IMAGENET1K_V2": ResNet50_Weights.IMAGENET1K_V2,
+}
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes: equal iff the tensors are equal."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise UserError(f"--weights {path}: no such file; give imagenet, none, or a file path")
+    try:
+        # A weights file is untrusted input: never unpickle arbitrary objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
+        raise UserError(f"--weights {path}: not a PyTorch state_dict file ({e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"--weights {path}: expected a resnet50 state_dict, got {type(state)}")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_resnet50(weights: str, seed: int) -> nn.Module:
+    """A torchvision ResNet-50 with `weights`; `none` is a random init seeded by `seed`."""
+    # Seed even for pretrained weights: `fc` is initialised randomly before being replaced.
+    torch.manual_seed(seed)
+    net = resnet50(weights=None)
+    if weights == "none":
+        return net
+    if weights in WEIGHT_ENUMS:
+        try:
+            state = WEIGHT_ENUMS[weights].get_state_dict(progress=False, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise UserError(
+                f"cannot fetch the ImageNet weights for resnet50 ({e}); download them where "
+                "there is internet and pass --weights PATH, or use --weights none"
+            ) from None
+    else:
+        state = _load_weights_file(weights)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    problems = [k for k in missing + unexpected if not k.startswith("fc.")]
+    if problems:
+        raise UserError(
+            f"--weights {weights}: not a resnet50 state_dict ({len(problems)} mismatched "
+            f"keys, e.g. {problems[0]})"
+        )
+    return net
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same statistics and eps."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            # eps must be copied: FrozenBatchNorm2d's default has differed between versions.
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+class AdaptedConv(nn.Module):
+    """conv(x) + r, with r = a zero-initialised 1×1 conv of x (a parallel residual adapter).
+
+    Zero init means an untrained adapter leaves the backbone's function unchanged. `r` of the
+    latest forward is kept so the meta-loss can penalise Σ mean(r²).
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        self.adapter = nn.Conv2d(
+            conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=False
+        )
+        nn.init.zeros_(self.adapter.weight)
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.adapter(x)
+        self.penalty = r.pow(2).mean()
+        return self.conv(x) + r
+
+
+class MetaModel(nn.Module):
+    """Frozen backbone (with adapters) → 2048-d features → one linear head per dataset."""
+
+    def __init__(self, backbone: nn.Module, num_classes: list[int], adapter_stages: list[str]):
+        super().__init__()
+        backbone.fc = nn.Identity()
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone = freeze_batchnorm(backbone)
+        self.adapters: list[AdaptedConv] = []
+        for stage in adapter_stages:
+            for block in getattr(self.backbone, stage):
+                block.conv2 = AdaptedConv(block.conv2)
+                self.adapters.append(block.conv2)
+        self.heads = nn.ModuleList(nn.Linear(FEATURE_DIM, n) for n in num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapters:
+            # Nothing trainable inside: skip building the autograd graph through 25M weights.
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def forward(
+        self, x: torch.Tensor, sizes: list[int] | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`x` concatenates one batch per dataset (`sizes` rows each, default: all from the
+        first dataset). Returns each dataset's logits and the adapter penalty Σ_i mean(r_i²)."""
+        sizes = sizes or [x.shape[0]]
+        feats = self.features(x).split(sizes)
+        logits = [head(f) for head, f in zip(self.heads, feats, strict=False)]
+        penalty = sum((a.penalty for a in self.adapters), x.new_zeros(()))
+        return logits, penalty
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains (adapters, heads): what checkpoints hold and fingerprints cover."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            raise UserError(
+                "the checkpoint's adapters and heads do not match this model (was it trained "
+                "with other --adapters or datasets?)"
+            )
+        self.load_state_dict(state, strict=False)
+
+    def backbone_fingerprint(self) -> str:
+        # Named as in a plain resnet50, so the identity does not depend on the adapters.
+        frozen = {
+            k.replace("conv2.conv.", "conv2."): v
+            for k, v in self.backbone.state_dict().items()
+            if ".adapter." not in k
+        }
+        return state_fingerprint(frozen)
+
+
+def build_model(
+    weights: str, num_classes: list[int], adapters: list[str] | None = None, seed: int = 1234
+) -> MetaModel:
+    adapters = adapters or []
+    unknown = [s for s in adapters if s not in STAGES]
+    if unknown:
+        raise UserError(
+            f"--adapters: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}"
+        )
+    model = MetaModel(load_resnet50(weights, seed), num_classes, adapters)
+    # Heads and adapters start from the same seed on every rank (DDP also broadcasts them).
+    torch.manual_seed(seed + 1)
+    for head in model.heads:
+        head.reset_parameters()
+    return model
