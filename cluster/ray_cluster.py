@@ -20,7 +20,8 @@ def connect(address: str | None = None) -> None:
     # Worker stdout carries the training log; keep it, but drop Ray's own chatter.
     kwargs = dict(log_to_driver=True, logging_level="WARNING", configure_logging=True)
     if address is None:
-        ray.init(include_dashboard=False, **kwargs)
+        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train polls.
+        ray.init(**kwargs)
         return
     try:
         ray.init(address=address, **kwargs)

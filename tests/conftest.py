@@ -20,7 +20,6 @@ def ray_cluster():
     # 4 logical CPUs on a 2-core machine: prep tasks and 2 training workers never starve.
     ray.init(
         num_cpus=4,
-        include_dashboard=False,
         _node_ip_address="127.0.0.1",
         logging_level="WARNING",
     )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from training.config import TrainConfig
-from training.model import STAGES
+from training.config import STAGES, TrainConfig
 
 DEFAULTS = TrainConfig()
 

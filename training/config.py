@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+"""The ResNet-50 stages whose bottleneck blocks can carry adapters."""
+
 
 @dataclass
 class TrainConfig:

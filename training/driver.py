@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster import storage
@@ -71,6 +71,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
             storage_path=cfg.storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # Our workers print one line per epoch; Ray's per-report INFO lines drown it.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

@@ -7,6 +7,9 @@ metrics plus a checkpoint (every rank calls `ray.train.report`, rank 0 attaches 
 
 from __future__ import annotations
 
+import inspect
+import logging
+import sys
 import tempfile
 import time
 
@@ -26,6 +29,15 @@ from training.evaluate import count_correct, eval_batches
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
 
+# DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
+# backbone has no BatchNorm statistics to keep in sync, so do not sync buffers every forward.
+_DDP_ARGS = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in _DDP_ARGS
+    else {"broadcast_buffers": False}
+)
+
 # A resumed run must train the same model on the same data; other settings may change.
 IDENTITY_FIELDS = ("data", "weights", "adapters", "seed")
 
@@ -34,7 +46,15 @@ def dataset_label(location: str) -> str:
     return location.rstrip("/").rsplit("/", 1)[-1] or location
 
 
+def say(message: str) -> None:
+    """One line to the driver's console (Ray's patched `print` would emit it twice)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict) -> None:
+    # Ray Train logs every report at INFO; our one line per epoch is the readable summary.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config)
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
@@ -67,13 +87,9 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         set_rng_state(state["rng"])
         start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
         if world.is_main:
-            print(f"resuming {cfg.name} at epoch {start_epoch + 1} (step {step})", flush=True)
+            say(f"resuming {cfg.name} at epoch {start_epoch + 1} (step {step})")
 
-    # DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
-    # backbone has no BatchNorm statistics to keep in sync, so skip broadcasting buffers.
-    ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"broadcast_buffers": False}
-    )
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
     urls = _gather(metrics.url, world)
     names = [dataset_label(d) for d in cfg.data]
     train_sets = [
@@ -138,13 +154,24 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             / seconds,
             "epoch_seconds": seconds,
         }
-        history.append(record)
+        history.append(dict(record))
+        if epoch + 1 == cfg.epochs:
+            # The last report carries the final results: Ray keeps a run's metrics with its
+            # latest checkpoint, so a resumed-but-finished run still finds them there.
+            test = _accuracy(model, cfg, world, manifests, "test", device)
+            record |= {
+                "step": step,
+                "test_accuracy": _mean(test),
+                "test_accuracy_per_dataset": dict(zip(names, test, strict=True)),
+                "fingerprint": state_fingerprint(model.trainable_state_dict()),
+                "history": history,
+                "metrics_urls": urls,
+            }
         if world.is_main:
-            print(
+            say(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f} (ce "
                 f"{record['cross_entropy']:.4f}, penalty {record['meta_penalty']:.2e})  val_acc "
-                f"{_fmt(record['val_accuracy'])}  {record['samples_per_second']:.0f} img/s",
-                flush=True,
+                f"{_fmt(record['val_accuracy'])}  {record['samples_per_second']:.0f} img/s"
             )
         state = {
             "model": model.trainable_state_dict(),
@@ -159,18 +186,6 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             "history": history,
         }
         _report(record, state if world.is_main else None, f"checkpoint_{step:09d}")
-
-    test = _accuracy(model, cfg, world, manifests, "test", device)
-    final = {
-        "epoch": cfg.epochs,
-        "step": step,
-        "test_accuracy": _mean(test),
-        "test_accuracy_per_dataset": dict(zip(names, test, strict=True)),
-        "fingerprint": state_fingerprint(model.trainable_state_dict()),
-        "history": history,
-        "metrics_urls": urls,
-    }
-    _report(final, None, None)
 
 
 def _train_batches(

@@ -18,8 +18,8 @@ from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from cluster.errors import UserError
+from training.config import STAGES
 
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURE_DIM = 2048
 WEIGHT_ENUMS = {
     "imagenet": ResNet50_Weights.DEFAULT,
