@@ -17,6 +17,9 @@ from typing import BinaryIO
 
 from cluster.errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
@@ -74,6 +77,8 @@ def open_write(url: str) -> Iterator[BinaryIO]:
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
+        # mkstemp creates 0600; published files get the usual mode, as open() would give.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from training.config import STAGES, TrainConfig
+from training.config import DEMO_DEFAULTS, STAGES, TrainConfig
 
 DEFAULTS = TrainConfig()
 
@@ -204,8 +204,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
-    from training.demo import DEMO_DEFAULTS
-
     p = sub.add_parser(
         "demo",
         help="end to end on sample data: digits → shards → 2-worker training → test accuracy",

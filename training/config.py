@@ -55,3 +55,16 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# `metatrainer demo`: sized to finish in minutes on 2 CPU cores. ImageNet weights cannot be
+# assumed reachable, so it trains heads on a randomly initialised (seeded) frozen backbone.
+DEMO_DEFAULTS = TrainConfig(
+    weights="none",
+    epochs=12,
+    lr_step=8,
+    image_size=32,
+    augment=False,
+    workers=2,
+    loader_workers=0,
+)

@@ -18,16 +18,6 @@ from training.cli import print_outcome
 from training.config import TrainConfig
 from training.driver import run_training
 
-DEMO_DEFAULTS = TrainConfig(
-    weights="none",
-    epochs=8,
-    lr_step=5,
-    image_size=32,
-    augment=False,
-    workers=2,
-    loader_workers=0,
-)
-
 
 def run_demo(workdir: str, cfg: TrainConfig, address: str | None = None) -> None:
     root = Path(workdir).resolve()

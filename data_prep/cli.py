@@ -1,0 +1,94 @@
+"""`metatrainer prep SRC DST`: the command line of `data_prep.prep.prep`.
+
+metatrainer prep ~/data/flowers /data/flowers-wds
+metatrainer prep ~/data/flowers /data/flowers-wds --splits train=0.9,val=0.1 --shard-size 1GiB
+RAY_ADDRESS=auto metatrainer prep /shared/flowers /shared/flowers-wds --num-shards 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cluster import storage
+from data_prep.prep import DEFAULT_SEED, prep, summary
+from data_prep.scan import DEFAULT_MAX_PIXELS
+from data_prep.splits import DEFAULT_SPLITS, parse_size, parse_splits
+
+DESCRIPTION = """\
+Turn an ImageFolder directory (SRC/<class name>/<image>) into WebDataset shards
+(DST/<split>-000000.tar) and DST/manifest.json. Class indices are torchvision ImageFolder's.
+Every file is checked by fully decoding it; files that cannot be used are skipped and listed
+in the manifest with the reason. Runs as Ray tasks: SRC must be readable at the same path
+from every node of the cluster. Progress goes to stderr, a summary table to stdout."""
+
+
+def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prep",
+        help="ImageFolder directory → WebDataset shards + manifest.json",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="the ImageFolder directory to read")
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        help="where the shards and manifest.json go (a local directory; created if missing)",
+    )
+    p.add_argument(
+        "--splits",
+        default=DEFAULT_SPLITS,
+        metavar="NAME=FRACTION,...",
+        help="split names and fractions, summing to 1; an image's split depends only on its "
+        "path and --seed, so adding images never moves old ones (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seed of the split assignment and the shuffle (default: %(default)s)",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        help="largest shard size: bytes, or a number with a unit such as 500kB, 256MB, 1GiB "
+        "(default: 256MB)",
+    )
+    size.add_argument(
+        "--num-shards",
+        type=int,
+        metavar="N",
+        help="write N shards per split instead, with equal sample counts (fewer where a split "
+        "has fewer than N images)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="skip images with more than N pixels (width × height, read from the header "
+        "before decoding), against decompression bombs (default: %(default)s, Pillow's)",
+    )
+    p.add_argument(
+        "--address",
+        help="address of a running Ray cluster (default: RAY_ADDRESS, or else start a local "
+        "one on this machine)",
+    )
+    p.set_defaults(func=run_prep)
+    return p
+
+
+def run_prep(args: argparse.Namespace) -> int:
+    manifest = prep(
+        args.src,
+        args.dst,
+        splits=parse_splits(args.splits),
+        seed=args.seed,
+        shard_size=parse_size(args.shard_size) if args.shard_size is not None else None,
+        num_shards=args.num_shards,
+        max_pixels=args.max_pixels,
+        address=args.address,
+    )
+    print(summary(manifest, storage.normalize(args.dst)))
+    return 0

@@ -1,0 +1,333 @@
+"""`prep`: an ImageFolder directory → WebDataset shards + `manifest.json`, with Ray tasks.
+
+    metatrainer prep ~/data/flowers /data/flowers-wds
+    metatrainer prep ~/data/flowers /data/flowers-wds --splits train=0.9,val=0.1 --num-shards 8
+
+    from data_prep.prep import prep
+    manifest = prep("/data/flowers", "/data/flowers-wds", splits={"train": 0.9, "val": 0.1})
+
+How it runs: the driver walks SRC (directories only), Ray tasks check the files in chunks (a
+full decode of every image), the driver assigns splits and plans the shards, one Ray task per
+shard writes it, and the driver writes `manifest.json` last. Everything is a function of the
+input and the seed, so a second run on the same input writes byte-identical shards and manifest.
+
+SRC must be readable at the same path from every node of the Ray cluster (a shared
+filesystem): the checking and writing tasks run wherever Ray places them. A local DST is
+written only by tasks on the driver's node, so the shards land next to the manifest.
+
+A re-run into the same DST first removes the old manifest, so a run that fails halfway leaves
+no manifest naming a mix of old and new shards; shards of the old run that the new manifest
+does not name are removed once the new manifest is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cluster import storage
+from cluster.errors import UserError
+from cluster.ray_cluster import connect
+from data_prep import splits as split_plan
+from data_prep.manifest import MANIFEST_NAME, Manifest, Shard, Skipped, write_manifest
+from data_prep.progress import Progress
+from data_prep.scan import (
+    DEFAULT_MAX_PIXELS,
+    Candidate,
+    ValidImage,
+    read_regular_file,
+    scan_source,
+    validate_files,
+)
+from data_prep.shard_writer import (
+    ShardWriter,
+    archive_bytes,
+    sample_bytes,
+    sample_json,
+    sample_key,
+)
+
+DEFAULT_SHARD_SIZE = 256 * 10**6
+DEFAULT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    name: str
+    images: list[ValidImage]
+
+
+def prep(
+    src: str,
+    dst: str,
+    splits: dict[str, float] | None = None,
+    seed: int = DEFAULT_SEED,
+    shard_size: int | None = None,
+    num_shards: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    address: str | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Prepare `src` into shards and a manifest at `dst`; returns the manifest written.
+
+    `shard_size` (bytes, default 256 MB) and `num_shards` (per split) are exclusive.
+    """
+    splits = (
+        dict(splits) if splits is not None else split_plan.parse_splits(split_plan.DEFAULT_SPLITS)
+    )
+    split_plan.check_splits(splits)
+    if shard_size is not None and num_shards is not None:
+        raise UserError("give --shard-size or --num-shards, not both")
+    if num_shards is not None and num_shards < 1:
+        raise UserError(f"--num-shards must be at least 1, not {num_shards}")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be more than 0 bytes, not {shard_size}")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
+    if shard_size is None and num_shards is None:
+        shard_size = DEFAULT_SHARD_SIZE
+    progress = progress or Progress()
+
+    src = os.path.abspath(os.path.expanduser(src))
+    dst = storage.normalize(dst)
+    scan = scan_source(src)
+    _check_dst(src, dst)
+
+    connect(address)
+    images, skipped = _validate(src, scan.candidates, max_pixels, progress)
+    skipped = sorted([*scan.skipped, *skipped], key=lambda s: (s.path, s.reason))
+    if not images:
+        raise UserError(f"{src} has no valid images ({_skip_counts_line(skipped)})")
+    _warn_empty_classes(scan.classes, images, progress)
+
+    jobs = plan_shards(images, scan.classes, splits, seed, shard_size, num_shards, progress)
+    # From here on the old shards are overwritten; a manifest naming them must not survive.
+    storage.remove(storage.join(dst, MANIFEST_NAME))
+    written = _write_shards(src, dst, scan.classes, jobs, progress)
+
+    by_name = {shard.name: shard for shard in written}
+    manifest = Manifest(
+        classes=scan.classes,
+        splits={name: [by_name[job.name] for job in jobs[name]] for name in splits},
+        skipped=skipped,
+        seed=seed,
+    )
+    write_manifest(dst, manifest)
+    _remove_stale_shards(dst, set(by_name))
+    return manifest
+
+
+def _check_dst(src: str, dst: str) -> None:
+    """Fail before any work if DST cannot be written or would be scanned as part of SRC."""
+    if not storage.is_s3(dst):
+        d, s = storage.local_path(dst).resolve(), Path(src).resolve()
+        if d == s or s in d.parents:
+            raise UserError(
+                f"DST {dst} is inside SRC {src}: its files would be read as images on the next "
+                "run; choose a DST outside SRC"
+            )
+    probe = storage.join(dst, ".metatrainer-prep-write-test")
+    storage.write_bytes(probe, b"")
+    storage.remove(probe)
+
+
+def _validate(
+    src: str, candidates: list[Candidate], max_pixels: int, progress: Progress
+) -> tuple[list[ValidImage], list[Skipped]]:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # A few chunks per CPU balance the load; 8..256 files keep the per-task overhead small.
+    size = min(256, max(8, math.ceil(len(candidates) / (4 * cpus))))
+    chunks = [candidates[i : i + size] for i in range(0, len(candidates), size)]
+    task = ray.remote(num_cpus=1)(validate_files)
+    refs = [task.remote(src, chunk, max_pixels) for chunk in chunks]
+    progress.start("checking images", len(candidates), "files")
+    results = _gather(refs, [len(c) for c in chunks], progress)
+    seconds = progress.finish()
+    images = [r for chunk in results for r in chunk if isinstance(r, ValidImage)]
+    skipped = [r for chunk in results for r in chunk if isinstance(r, Skipped)]
+    rate = len(candidates) / seconds if seconds > 0 else 0.0
+    progress.message(f"checked {len(candidates):,} files in {seconds:.1f} s ({rate:,.0f}/s)")
+    return images, skipped
+
+
+def plan_shards(
+    images: Sequence[ValidImage],
+    classes: list[str],
+    splits: dict[str, float],
+    seed: int,
+    shard_size: int | None,
+    num_shards: int | None,
+    progress: Progress | None = None,
+) -> dict[str, list[ShardJob]]:
+    """Per split, its shards in order: split by path, shuffled by seed, cut by size or count."""
+    members: dict[str, list[ValidImage]] = {name: [] for name in splits}
+    for image in images:
+        members[split_plan.assign_split(image.relpath, seed, splits)].append(image)
+    plan: dict[str, list[ShardJob]] = {}
+    for name, group in members.items():
+        order = split_plan.shuffle_order([im.relpath for im in group], seed)
+        ordered = [group[i] for i in order]
+        if num_shards is not None:
+            ranges = split_plan.plan_by_count(len(ordered), num_shards)
+            if progress and 0 < len(ordered) < num_shards:
+                progress.message(
+                    f"warning: split {name!r} has only {len(ordered)} images: "
+                    f"writing {len(ordered)} shards instead of {num_shards}"
+                )
+        else:
+            assert shard_size is not None
+            costs = [_sample_cost(im, classes) for im in ordered]
+            ranges = split_plan.plan_by_size(costs, shard_size, archive_bytes)
+        if progress and not ordered:
+            progress.message(f"warning: split {name!r} got no images")
+        plan[name] = [
+            ShardJob(split_plan.shard_name(name, i), ordered[r.start : r.stop])
+            for i, r in enumerate(ranges)
+        ]
+    return plan
+
+
+def _sample_cost(image: ValidImage, classes: list[str]) -> int:
+    meta = sample_json(image.relpath, classes[image.class_index], image.width, image.height)
+    return sample_bytes(image.size, image.class_index, len(meta))
+
+
+def write_shard(src: str, url: str, images: list[ValidImage], classes: list[str]) -> Shard:
+    """Write one shard atomically from the source files; runs as a Ray task."""
+    with storage.open_write(url) as f, ShardWriter(f) as shard:
+        for image in images:
+            path = os.path.join(src, image.relpath)
+            data = read_regular_file(path)
+            if isinstance(data, str) or len(data) != image.size:
+                why = data if isinstance(data, str) else "its size changed"
+                raise UserError(f"{path} changed while prep was running ({why}); run prep again")
+            meta = sample_json(image.relpath, classes[image.class_index], image.width, image.height)
+            shard.write_sample(sample_key(image.relpath), image.ext, data, image.class_index, meta)
+    return Shard(url.rsplit("/", 1)[-1], shard.num_samples, shard.size, shard.sha256)
+
+
+def _write_shards(
+    src: str, dst: str, classes: list[str], plan: dict[str, list[ShardJob]], progress: Progress
+) -> list[Shard]:
+    jobs = [job for split_jobs in plan.values() for job in split_jobs]
+    strategy: Any = "DEFAULT"
+    if not storage.is_s3(dst):
+        # A local DST exists on the driver's machine only: write every shard there.
+        node = ray.get_runtime_context().get_node_id()
+        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    task = ray.remote(num_cpus=1, scheduling_strategy=strategy)(write_shard)
+    refs = [task.remote(src, storage.join(dst, job.name), job.images, classes) for job in jobs]
+    total = sum(len(job.images) for job in jobs)
+    progress.start(f"writing {len(jobs)} shards", total, "images")
+    shards = _gather(refs, [len(job.images) for job in jobs], progress)
+    seconds = progress.finish()
+    mb = sum(s.bytes for s in shards) / 1e6
+    progress.message(f"wrote {len(jobs)} shards, {mb:,.1f} MB in {seconds:.1f} s")
+    return shards
+
+
+def _gather(refs: list, weights: list[int], progress: Progress) -> list:
+    """Results of `refs` in order, advancing `progress` by each task's weight as it finishes."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list = [None] * len(refs)
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            for ref in ready:
+                results[index[ref]] = _get(ref)
+                progress.advance(weights[index[ref]])
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    return results
+
+
+def _get(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        # A UserError raised in a task should read as one line, not as a remote traceback.
+        if isinstance(e.cause, UserError):
+            raise UserError(str(e.cause)) from None
+        raise
+
+
+def _warn_empty_classes(classes: list[str], images: list[ValidImage], progress: Progress) -> None:
+    counts = Counter(im.class_index for im in images)
+    empty = [name for i, name in enumerate(classes) if counts[i] == 0]
+    if empty:
+        progress.message(
+            f"warning: {len(empty)} class folder(s) have no valid images and keep their index "
+            f"with no samples: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
+        )
+
+
+def _remove_stale_shards(dst: str, keep: set[str]) -> None:
+    for name in storage.list_dir(dst):
+        if split_plan.SHARD_NAME.fullmatch(name) and name not in keep:
+            storage.remove(storage.join(dst, name))
+
+
+def skip_reason_kind(reason: str) -> str:
+    """The reason without its per-file details, for counting: `corrupt image (...)` → kind."""
+    return reason.split(" (", 1)[0]
+
+
+def _skip_counts_line(skipped: list[Skipped]) -> str:
+    counts = Counter(skip_reason_kind(s.reason) for s in skipped)
+    if not counts:
+        return "no files with an image extension were found"
+    parts = [f"{n} {kind}" for kind, n in counts.most_common(3)]
+    more = f", {len(counts) - 3} more kinds" if len(counts) > 3 else ""
+    return f"{len(skipped)} files skipped: " + "; ".join(parts) + more
+
+
+def summary(manifest: Manifest, dst: str, show_skipped: int = 5) -> str:
+    """The table printed at the end of `metatrainer prep`."""
+    rows = [("split", "images", "shards", "MB")]
+    for name, shards in manifest.splits.items():
+        mb = sum(s.bytes for s in shards) / 1e6
+        rows.append(
+            (name, f"{sum(s.num_samples for s in shards):,}", str(len(shards)), f"{mb:,.1f}")
+        )
+    all_shards = [s for shards in manifest.splits.values() for s in shards]
+    total_mb = sum(s.bytes for s in all_shards) / 1e6
+    total_images = sum(s.num_samples for s in all_shards)
+    rows.append(("total", f"{total_images:,}", str(len(all_shards)), f"{total_mb:,.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    # The split name is left-aligned, the numbers right-aligned.
+    lines = [
+        "  ".join(
+            [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]
+        )
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"classes: {len(manifest.classes)}")
+    if manifest.skipped:
+        lines.append(f"skipped: {len(manifest.skipped):,} files")
+        counts = Counter(skip_reason_kind(s.reason) for s in manifest.skipped)
+        width = len(f"{counts.most_common(1)[0][1]:,}")
+        lines += [f"  {n:>{width},}  {kind}" for kind, n in counts.most_common()]
+        lines.append("first skipped:")
+        lines += [f"  {_printable(s.path)}: {s.reason}" for s in manifest.skipped[:show_skipped]]
+    else:
+        lines.append("skipped: none")
+    lines.append(f"manifest: {storage.join(dst, MANIFEST_NAME)}")
+    return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    """Keep a path on one line: a newline in a file name would break the table."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -1,0 +1,153 @@
+"""End to end on a real local Ray cluster: 2 DDP workers on CPU, real digit scans."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.cli import main
+from data_prep.prep import prep
+from training.config import TrainConfig
+from training.driver import run_training
+from training.evaluate import evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
+    # 3 shards per split for 2 workers: the uneven case that hangs a shard-per-rank split.
+    dst = str(tmp_path_factory.mktemp("train-shards"))
+    prep(str(digits_dir), dst, num_shards=3)
+    return dst
+
+
+def free_port_range(n: int) -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65536 and all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def samples_trained(port: int) -> float | None:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+    except OSError:
+        return None
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for name in ("metatrainer_step_seconds", "metatrainer_loss", "metatrainer_epoch"):
+        assert name in families, name
+    total = [
+        s.value
+        for s in families["metatrainer_samples_trained"].samples
+        if s.name.endswith("_total")
+    ]
+    return sum(total) if total else None
+
+
+def config(shards: str, storage: Path, **overrides) -> TrainConfig:
+    values = dict(
+        data=[shards],
+        storage=str(storage),
+        name="digits",
+        weights="none",
+        image_size=32,
+        batch_size=8,
+        epochs=3,
+        augment=False,
+        workers=2,
+        loader_workers=1,
+        max_failures=0,
+        metrics_port=0,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_training_learns_serves_metrics_and_resumes(shards, tmp_path, capfd):
+    port = free_port_range(2)
+    cfg = config(shards, tmp_path, metrics_port=port)
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(first=run_training(cfg)))
+    worker.start()
+    seen: dict[int, list[float]] = {port: [], port + 1: []}
+    while worker.is_alive():
+        for p, values in seen.items():
+            value = samples_trained(p)
+            if value is not None:
+                values.append(value)
+        time.sleep(0.2)
+    worker.join()
+    first = outcome["first"]
+
+    # Both local ranks served /metrics on base port + local rank, with growing counters.
+    for p, values in seen.items():
+        assert len(values) >= 2 and values[-1] > values[0], (p, values)
+
+    result = json.loads(Path(first.result_file).read_text())
+    losses = [e["loss"] for e in result["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert result["test_accuracy"] > 0.25, "10 classes: chance is 0.1"
+    assert result["config"]["workers"] == 2 and len(result["fingerprint"]) == 64
+    checkpoints = sorted(Path(first.run_dir).glob("checkpoint_*/state.pt"))
+    assert len(checkpoints) == 3
+
+    # The same name again with more epochs resumes after the latest checkpoint.
+    capfd.readouterr()
+    second = run_training(config(shards, tmp_path, epochs=4))
+    out = capfd.readouterr().out
+    assert "resuming digits at epoch 4" in out
+    assert "epoch 1/4" not in out
+    resumed = json.loads(Path(second.result_file).read_text())
+    assert resumed["history"][:3] == result["history"]
+    assert len(resumed["history"]) == 4
+    assert resumed["step"] == result["step"] * 4 // 3
+
+    # evaluate, without Ray, agrees with the test accuracy training reported.
+    [(_, accuracy, n)] = evaluate_checkpoint(second.run_dir, loader_workers=0)
+    assert accuracy == pytest.approx(resumed["test_accuracy"])
+    assert n > 0
+
+
+def test_train_errors_are_one_line(tmp_path, capsys, shards):
+    code = main(
+        ["train", "--data", str(tmp_path / "nothing"), "--storage", str(tmp_path), "--name", "x"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "metatrainer prep" in err
+
+    code = main(
+        [
+            "train",
+            "--data",
+            shards,
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--batch-size",
+            "100000",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--batch-size" in err
+
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no checkpoint" in err
