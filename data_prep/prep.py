@@ -101,6 +101,8 @@ def prep(
     scan = scan_source(src)
     _check_dst(src, dst)
 
+    if not scan.candidates:
+        raise UserError(f"{src} has no valid images ({_skip_counts_line(scan.skipped)})")
     connect(address)
     images, skipped = _validate(src, scan.candidates, max_pixels, progress)
     skipped = sorted([*scan.skipped, *skipped], key=lambda s: (s.path, s.reason))
