@@ -1,12 +1,15 @@
-"""One place that reads and writes locations: local paths now, `s3://bucket/prefix` URLs next.
+"""One place that reads and writes locations: local paths and `s3://bucket/prefix` URLs alike.
 
-Every location a user passes (prep's DST, train's --data and --storage, evaluate's --checkpoint)
-goes through these functions, so the rest of the code never branches on the kind of storage.
-Writes are atomic: a reader sees either the old object or the complete new one, never half.
+Every location a user passes (prep's DST, train's --data and --storage, evaluate's
+--checkpoint) goes through these functions, so the rest of the code never branches on the
+kind of storage. Writes are atomic: a reader sees the old object or the complete new one,
+never half (locally: a temporary name, then rename; on S3: an object appears only whole).
+The S3 details live in `cluster.s3`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,10 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from cluster import s3
 from cluster.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+SPOOL_BYTES = 16 * 2**20
+"""An S3 write is buffered in memory up to this size, then in a temporary file."""
 
 
 def is_s3(url: str) -> bool:
@@ -26,8 +32,6 @@ def is_s3(url: str) -> bool:
 
 
 def _local(url: str) -> Path:
-    if is_s3(url):
-        raise UserError(f"{url}: s3:// locations are not supported yet; use a local directory")
     if "://" in url:
         raise UserError(f"{url}: unsupported URL scheme; use a local path or s3://bucket/prefix")
     return Path(url).expanduser()
@@ -35,7 +39,10 @@ def _local(url: str) -> Path:
 
 def normalize(url: str) -> str:
     """An absolute form of `url` that is the same on every node (Ray needs absolute paths)."""
-    return url.rstrip("/") if is_s3(url) else str(_local(url).resolve())
+    if is_s3(url):
+        s3.split(url)
+        return url.rstrip("/")
+    return str(_local(url).resolve())
 
 
 def join(base: str, *parts: str) -> str:
@@ -45,10 +52,14 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(url: str) -> bool:
+    if is_s3(url):
+        return s3.head(url) is not None
     return _local(url).exists()
 
 
 def read_bytes(url: str) -> bytes:
+    if is_s3(url):
+        return s3.read_bytes(url)
     try:
         return _local(url).read_bytes()
     except FileNotFoundError:
@@ -57,19 +68,24 @@ def read_bytes(url: str) -> bytes:
         raise UserError(f"cannot read {url}: {e.strerror}") from None
 
 
-@contextmanager
-def open_read(url: str) -> Iterator[BinaryIO]:
+def open_read(url: str, size: int | None = None) -> BinaryIO:
+    """A stream of `url`; on S3 it reads ahead a bounded amount and retries cut-off chunks."""
+    if is_s3(url):
+        return s3.open_stream(url, size)
     try:
-        f = _local(url).open("rb")
+        return _local(url).open("rb")
     except FileNotFoundError:
         raise UserError(f"{url} does not exist") from None
-    with f:
-        yield f
 
 
 @contextmanager
 def open_write(url: str) -> Iterator[BinaryIO]:
-    """Write to a temporary name beside `url`; rename into place only if the block succeeds."""
+    """Write to a temporary place; publish at `url` only if the block succeeds."""
+    if is_s3(url):
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as f:
+            yield f
+            s3.upload(f, url)
+        return
     path = _local(url)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,13 +110,52 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
+def put_file(local: str | Path, url: str, sha256: str) -> None:
+    """Publish a finished local file at `url` (moved locally, uploaded to S3 with its sha256
+    recorded in the object's metadata so `has_file` can verify it without downloading)."""
+    if is_s3(url):
+        with open(local, "rb") as f:
+            s3.upload(f, url, metadata={"sha256": sha256})
+        Path(local).unlink()
+        return
+    path = _local(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(local, 0o666 & ~_UMASK)
+    shutil.move(str(local), path)
+
+
+def has_file(url: str, size: int, sha256: str) -> bool:
+    """True if `url` holds exactly these bytes (by size and sha256)."""
+    if is_s3(url):
+        info = s3.head(url)
+        return (
+            info is not None
+            and int(info["ContentLength"]) == size
+            and info.get("Metadata", {}).get("sha256") == sha256
+        )
+    path = _local(url)
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest() == sha256
+
+
 def list_dir(url: str) -> list[str]:
     """Names directly under `url` (empty if it does not exist)."""
+    if is_s3(url):
+        return s3.list_names(url)
     path = _local(url)
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
 
 def remove(url: str) -> None:
+    """Delete `url`, and everything under it if it is a directory or prefix."""
+    if is_s3(url):
+        s3.remove(url)
+        return
     path = _local(url)
     if path.is_dir():
         shutil.rmtree(path)
@@ -108,6 +163,26 @@ def remove(url: str) -> None:
         path.unlink(missing_ok=True)
 
 
+def clean_partial_writes(url: str) -> int:
+    """Remove what killed writers left under `url`: temporary files or multipart uploads."""
+    if is_s3(url):
+        return s3.abort_uploads(url)
+    path = _local(url)
+    leftovers = list(path.glob(".*.tmp")) if path.is_dir() else []
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return len(leftovers)
+
+
 def local_path(url: str) -> Path:
     """The local filesystem path behind `url` (for readers that need a real file)."""
+    if is_s3(url):
+        raise UserError(f"{url}: this operation needs a local path")
     return _local(url)
+
+
+def ray_storage(url: str):
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
+    if is_s3(url):
+        return s3.arrow_filesystem(url)
+    return str(_local(url).resolve()), None

@@ -1,0 +1,335 @@
+"""The S3 side of `cluster.storage`: one boto3 client per process, errors a user can act on,
+retries botocore does not do, streaming reads with bounded read-ahead, multipart uploads.
+
+Endpoint: botocore's own `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (the CLI's --s3-endpoint
+sets the first). Credentials: only the standard AWS chain (environment, shared config and
+profile, web identity as on Kubernetes IRSA); they never appear in a message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions as bx
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from cluster.errors import UserError
+
+T = TypeVar("T")
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CHUNK = 8 * 2**20
+"""Bytes per ranged GET of a streaming read; each chunk is retried on its own."""
+READ_AHEAD = 4
+"""Chunks a streaming read fetches ahead of the reader (bounds its memory)."""
+TRANSFER = TransferConfig(
+    multipart_threshold=64 * 2**20, multipart_chunksize=32 * 2**20, max_concurrency=8
+)
+ATTEMPTS = 8
+# A body cut off mid-stream or a dropped connection: botocore retries the request, not the
+# read of its body, so whole-object operations are retried here.
+TRANSIENT = (
+    bx.IncompleteReadError,
+    bx.ResponseStreamingError,
+    bx.ReadTimeoutError,
+    bx.ConnectionClosedError,
+    bx.EndpointConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+
+_clients: dict[int, object] = {}
+
+
+def endpoint() -> str | None:
+    return next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None)
+
+
+def set_endpoint(url: str | None) -> None:
+    """Use `url` for S3 in this process (the driver passes it to Ray tasks and workers, whose
+    environment was fixed when their node started)."""
+    if url and url != endpoint():
+        os.environ["AWS_ENDPOINT_URL_S3"] = url
+        _clients.clear()
+
+
+def client():
+    """A client for this process (boto3 clients must not cross a fork, so keyed by pid)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        config = Config(
+            retries={"mode": "adaptive", "max_attempts": ATTEMPTS},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        _clients[pid] = boto3.session.Session().client("s3", config=config)
+    return _clients[pid]
+
+
+def split(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise UserError(f"{url}: not an S3 URL; write s3://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def user_error(e: Exception, url: str) -> UserError:
+    """The one-line message for an S3 failure: which kind, and what to check."""
+    where = endpoint() or "the default AWS endpoint"
+    if isinstance(e, UserError):
+        return e
+    if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return UserError(
+            f"no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or a web-identity role"
+        )
+    if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
+        return UserError(
+            f"cannot reach the S3 endpoint {where} for {url}: check AWS_ENDPOINT_URL_S3 (or "
+            "--s3-endpoint) and that the server is up"
+        )
+    if isinstance(e, bx.ClientError):
+        code = str(e.response.get("Error", {}).get("Code", "")) or "unknown"
+        bucket = split(url)[0]
+        if code in CREDENTIAL_CODES:
+            return UserError(
+                f"S3 at {where} rejected the credentials ({code}) for {url}: check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
+        if code == "NoSuchBucket":
+            return UserError(f"bucket {bucket} does not exist at {where}: create it or fix the URL")
+        if code in ("AccessDenied", "403", "AllAccessDisabled"):
+            return UserError(f"access denied to {url} at {where}: check the role's permissions")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return UserError(f"{url} does not exist")
+        return UserError(f"S3 error {code} for {url} at {where}")
+    if isinstance(e, bx.BotoCoreError):
+        return UserError(f"S3 request for {url} failed ({type(e).__name__}) at {where}")
+    raise e
+
+
+def retry(operation: Callable[[], T], url: str) -> T:
+    """Run `operation`, retrying transient failures with jittered backoff; errors → UserError."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return operation()
+        except TRANSIENT as e:
+            if attempt == ATTEMPTS - 1 or _is_unreachable(e, attempt):
+                raise user_error(e, url) from None
+            time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        except (bx.BotoCoreError, bx.ClientError) as e:
+            raise user_error(e, url) from None
+    raise AssertionError("unreachable")
+
+
+def _is_unreachable(e: Exception, attempt: int) -> bool:
+    # Nothing listens there at all: fail after a couple of tries, not after a minute.
+    return isinstance(e, bx.EndpointConnectionError) and attempt >= 1
+
+
+def _is_missing(e: bx.ClientError) -> bool:
+    return str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
+
+
+def head(url: str) -> dict | None:
+    """The object's metadata, or None if there is no such object."""
+    bucket, key = split(url)
+
+    def op():
+        try:
+            return client().head_object(Bucket=bucket, Key=key)
+        except bx.ClientError as e:
+            if _is_missing(e):
+                return None
+            raise
+
+    return retry(op, url)
+
+
+def read_bytes(url: str) -> bytes:
+    bucket, key = split(url)
+
+    def op() -> bytes:
+        response = client().get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+        if len(data) != response["ContentLength"]:
+            raise bx.IncompleteReadError(
+                actual_bytes=len(data), expected_bytes=response["ContentLength"]
+            )
+        return data
+
+    return retry(op, url)
+
+
+def upload(fileobj: BinaryIO, url: str, metadata: dict[str, str] | None = None) -> None:
+    """Upload from the start of `fileobj`; large files go multipart with parallel parts."""
+    bucket, key = split(url)
+    extra = {"Metadata": metadata} if metadata else None
+
+    def op() -> None:
+        fileobj.seek(0)
+        client().upload_fileobj(fileobj, bucket, key, ExtraArgs=extra, Config=TRANSFER)
+
+    try:
+        retry(op, url)
+    except Exception as e:  # noqa: BLE001 - s3transfer wraps client errors in its own types
+        cause = e.__cause__ or e.__context__
+        if isinstance(e, UserError) or cause is None:
+            raise
+        raise user_error(cause, url) from None
+
+
+def list_names(url: str) -> list[str]:
+    """Names directly under the prefix `url` (objects and sub-prefixes)."""
+    bucket, key = split(url)
+    prefix = key.rstrip("/") + "/" if key else ""
+    names: list[str] = []
+
+    def op() -> None:
+        names.clear()
+        pages = (
+            client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        )
+        for page in pages:
+            names.extend(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+            names.extend(
+                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            )
+
+    retry(op, url)
+    return sorted(names)
+
+
+def remove(url: str) -> None:
+    """Delete the object `url` and everything under the prefix `url/`."""
+    bucket, key = split(url)
+
+    def op() -> None:
+        keys = [key] if key else []
+        pages = (
+            client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/")
+        )
+        keys += [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for i in range(0, len(keys), 1000):
+            objects = [{"Key": k} for k in keys[i : i + 1000]]
+            client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+    retry(op, url)
+
+
+def abort_uploads(url: str) -> int:
+    """Abort multipart uploads left under the prefix `url` by a killed writer."""
+    bucket, key = split(url)
+    prefix = key.rstrip("/") + "/" if key else ""
+
+    def op() -> int:
+        uploads = client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        for u in uploads:
+            client().abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        return len(uploads)
+
+    return retry(op, url)
+
+
+class StreamReader(io.RawIOBase):
+    """A read-only stream of an S3 object: ranged GETs of CHUNK bytes fetched by a background
+    thread at most READ_AHEAD chunks ahead, each chunk retried on its own if cut off."""
+
+    def __init__(self, url: str, size: int | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.bucket, self.key = split(url)
+        info = None if size is not None else head(url)
+        if size is None and info is None:
+            raise UserError(f"{url} does not exist")
+        self.size = size if size is not None else int(info["ContentLength"])
+        self._chunks: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        self._stop = threading.Event()
+        self._buffer = memoryview(b"")
+        self._thread = threading.Thread(target=self._fetch, daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        offset = 0
+        try:
+            while offset < self.size and not self._stop.is_set():
+                end = min(offset + CHUNK, self.size) - 1
+                data = retry(lambda o=offset, e=end: self._get(o, e), self.url)
+                offset += len(data)
+                self._put(data)
+            self._put(b"")
+        except Exception as e:  # noqa: BLE001 - handed to the reader, raised there
+            self._put(e)
+
+    def _get(self, start: int, end: int) -> bytes:
+        response = client().get_object(
+            Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end}"
+        )
+        data = response["Body"].read()
+        if len(data) != end - start + 1:
+            raise bx.IncompleteReadError(actual_bytes=len(data), expected_bytes=end - start + 1)
+        return data
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._buffer:
+            item = self._chunks.get()
+            if isinstance(item, Exception):
+                raise item
+            if not item:
+                self._chunks.put(b"")  # keep signalling EOF to later reads
+                return 0
+            self._buffer = memoryview(item)
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+
+def open_stream(url: str, size: int | None = None) -> BinaryIO:
+    return io.BufferedReader(StreamReader(url, size), buffer_size=2**20)
+
+
+def arrow_filesystem(url: str):
+    """(path, pyarrow S3FileSystem) for Ray Train's storage, on the same endpoint and chain."""
+    from pyarrow import fs
+
+    bucket, key = split(url)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict = {"region": region}
+    if endpoint():
+        parsed = urlparse(endpoint())
+        kwargs |= {
+            "endpoint_override": parsed.netloc or parsed.path,
+            "scheme": parsed.scheme or "https",
+        }
+    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**kwargs)
