@@ -9,6 +9,7 @@ profile, web identity as on Kubernetes IRSA); they never appear in a message.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import queue
 import random
@@ -67,6 +68,8 @@ def client():
     """A client for this process (boto3 clients must not cross a fork, so keyed by pid)."""
     pid = os.getpid()
     if pid not in _clients:
+        # Ray workers log at INFO; botocore's "Found credentials in ..." lines are noise there.
+        logging.getLogger("botocore").setLevel(logging.WARNING)
         config = Config(
             retries={"mode": "adaptive", "max_attempts": ATTEMPTS},
             connect_timeout=10,
@@ -325,7 +328,8 @@ def arrow_filesystem(url: str):
 
     bucket, key = split(url)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs: dict = {"region": region}
+    # Ray Train's checkpoint uploads go through this, not boto3: give it the same patience.
+    kwargs: dict = {"region": region, "retry_strategy": fs.AwsStandardS3RetryStrategy(ATTEMPTS)}
     if endpoint():
         parsed = urlparse(endpoint())
         kwargs |= {

@@ -7,6 +7,7 @@ fingerprint. Files are written to a temporary name and renamed, and always loade
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cluster import storage
 from cluster.errors import UserError
 
 STATE_FILE = "state.pt"
@@ -51,36 +53,34 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: no checkpoint there (expected a {STATE_FILE} file)")
+def load_state(location: str | Path) -> dict[str, Any]:
+    """Load a state file, or the state file in a checkpoint directory (local or s3://)."""
+    url = str(location)
+    if not url.endswith(STATE_FILE):
+        url = storage.join(url, STATE_FILE)
+    if not storage.exists(url):
+        raise UserError(f"{url}: no checkpoint there (expected a {STATE_FILE} file)")
+    data = storage.read_bytes(url)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A checkpoint from a bucket is untrusted input: tensors and plain containers only.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or hostile: all "unreadable"
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{url}: unreadable checkpoint ({type(e).__name__})") from None
 
 
-def find_checkpoint(location: str | Path) -> Path:
+def find_checkpoint(location: str) -> str:
     """A state file, a checkpoint directory, or a run directory (its newest checkpoint)."""
-    path = Path(location)
-    if path.is_file() or (path / STATE_FILE).is_file():
-        return path if path.is_file() else path / STATE_FILE
-    candidates = sorted(path.glob(f"checkpoint_*/{STATE_FILE}")) if path.is_dir() else []
-    if not candidates:
-        raise UserError(
-            f"{location}: no checkpoint found; give a run directory (STORAGE/NAME), a "
-            f"checkpoint directory, or a {STATE_FILE} file"
-        )
-    # Ray names checkpoint directories by time; the position in the file breaks ties.
-    return max(candidates, key=lambda p: (_position(p), p.parent.name))
-
-
-def _position(path: Path) -> tuple[int, int]:
-    try:
-        state = load_state(path)
-    except UserError:
-        return (-1, -1)
-    return (int(state.get("epoch", -1)), int(state.get("step", -1)))
+    if location.endswith(STATE_FILE) and storage.exists(location):
+        return location
+    if storage.exists(storage.join(location, STATE_FILE)):
+        return storage.join(location, STATE_FILE)
+    # Checkpoint directories are named by global step (checkpoint_000000123): newest last.
+    names = sorted(n for n in storage.list_dir(location) if n.startswith("checkpoint_"))
+    for name in reversed(names):
+        url = storage.join(location, name, STATE_FILE)
+        if storage.exists(url):
+            return url
+    raise UserError(
+        f"{location}: no checkpoint found; give a run directory (STORAGE/NAME), a checkpoint "
+        f"directory, or a {STATE_FILE} file"
+    )

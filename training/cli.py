@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from cluster.errors import UserError
 from training.config import DEMO_DEFAULTS, STAGES, TrainConfig
 
 DEFAULTS = TrainConfig()
@@ -117,6 +118,38 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         default=None,
         help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)",
     )
+    s = p.add_argument_group("storage")
+    add_s3_endpoint_flag(s)
+    s.add_argument(
+        "--cache-dir",
+        default=defaults.cache_dir,
+        help="keep shards streamed from S3 on local disk here for later epochs",
+    )
+    s.add_argument(
+        "--cache-size",
+        type=_size,
+        default=defaults.cache_size,
+        help="size limit of --cache-dir, e.g. 50GB (default: 10GB)",
+    )
+
+
+def add_s3_endpoint_flag(p) -> None:
+    p.add_argument(
+        "--s3-endpoint",
+        default=None,
+        metavar="URL",
+        help="S3-compatible endpoint, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL_S3 or "
+        "AWS_ENDPOINT_URL; credentials come only from the standard AWS chain)",
+    )
+
+
+def _size(text: str) -> int:
+    from data_prep.splits import parse_size
+
+    try:
+        return parse_size(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -190,12 +223,15 @@ def add_evaluate_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="test", help="(default: %(default)s)")
     p.add_argument("--loader-workers", type=int, default=2, help="(default: %(default)s)")
+    add_s3_endpoint_flag(p)
     p.set_defaults(func=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from cluster import s3
     from training.evaluate import evaluate_checkpoint
 
+    s3.set_endpoint(args.s3_endpoint)
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.loader_workers)
     print(f"{'dataset':<50} {'samples':>8} {'accuracy':>9}")
     for dataset, accuracy, n in results:

@@ -48,6 +48,13 @@ class TrainConfig:
     metrics_port: int = 9100
     """Workers serve /metrics on this port + their local rank; 0 disables."""
 
+    s3_endpoint: str | None = None
+    """S3 endpoint URL for s3:// locations (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)."""
+    cache_dir: str | None = None
+    """Keep shards read from S3 on local disk here, for later epochs."""
+    cache_size: int = 10 * 10**9
+    """Bytes the shard cache may hold; least recently used shards are dropped beyond it."""
+
     def to_dict(self) -> dict:
         return asdict(self)
 

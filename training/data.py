@@ -22,6 +22,7 @@ import io
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -29,11 +30,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
+from webdataset.gopen import gopen_schemes
 
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
 from data_prep.manifest import Shard
+from training.shard_cache import ShardCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,11 +58,28 @@ def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool)
     return order
 
 
-def read_samples(dataset: str, shards: list[Shard], positions: range) -> Iterator[RawSample]:
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
+    return storage.open_read(url)
+
+
+# Any webdataset pipeline in this process can read s3:// shards through our opener too.
+gopen_schemes["s3"] = _open_s3
+
+
+def open_shard(url: str, shard: Shard, cache: ShardCache | None) -> BinaryIO:
+    if cache is not None and storage.is_s3(url):
+        return cache.open(url, shard)
+    return storage.open_read(url, shard.bytes)
+
+
+def read_samples(
+    dataset: str, shards: list[Shard], positions: range, cache: ShardCache | None = None
+) -> Iterator[RawSample]:
     """The samples at `positions` of the shards laid end to end, as compressed bytes.
 
     Shards wholly outside the range are never opened; inside a shard, samples before the range
-    are skipped without decoding.
+    are skipped without decoding. S3 shards are streamed (bounded read-ahead), not downloaded
+    first.
     """
     offset = 0
     for shard in shards:
@@ -69,19 +89,21 @@ def read_samples(dataset: str, shards: list[Shard], positions: range) -> Iterato
             continue
         url = storage.join(dataset, shard.name)
         seen = 0
-        for sample in wds.tariterators.tarfile_samples([{"url": url}]):
-            index = start + seen
-            seen += 1
-            if index >= positions.stop:
-                break
-            if index >= positions.start:
-                yield _raw(sample, url)
-        else:
-            if seen != shard.num_samples:
-                raise UserError(
-                    f"{url} holds {seen} samples but the manifest says {shard.num_samples}: "
-                    "the shard changed after prep; run prep again"
-                )
+        with open_shard(url, shard, cache) as stream:
+            files = wds.tariterators.tar_file_expander([{"stream": stream, "url": url}])
+            for sample in wds.tariterators.group_by_keys(files):
+                index = start + seen
+                seen += 1
+                if index >= positions.stop:
+                    break
+                if index >= positions.start:
+                    yield _raw(sample, url)
+            else:
+                if seen != shard.num_samples:
+                    raise UserError(
+                        f"{url} holds {seen} samples but the manifest says "
+                        f"{shard.num_samples}: the shard changed after prep; run prep again"
+                    )
 
 
 def _raw(sample: dict, url: str) -> RawSample:
@@ -145,8 +167,11 @@ class ShardBatches(IterableDataset):
         augment: bool,
         seed: int,
         num_classes: int,
+        cache_dir: str | None = None,
+        cache_size: int = 0,
     ) -> None:
         self.dataset = dataset
+        self.cache_dir, self.cache_size = cache_dir, cache_size
         self.shards = shards
         self.world = world
         self.batch_size = batch_size
@@ -175,7 +200,8 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         world = self.world.with_loader_worker(info.id, info.num_workers) if info else self.world
         order = epoch_shard_order(self.shards, self.seed, self.epoch, shuffle=self.train)
-        samples = read_samples(self.dataset, order, self.rank_positions())
+        cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
+        samples = read_samples(self.dataset, order, self.rank_positions(), cache)
         if self.train:
             rng = random.Random(f"{self.seed}:{self.epoch}:{world.rank}:buffer")
             samples = shuffled(samples, rng, SHUFFLE_BUFFER)

@@ -15,7 +15,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster import storage
+from cluster import s3, storage
 from cluster.errors import UserError
 from cluster.ray_cluster import connect
 from data_prep.manifest import read_manifest
@@ -54,9 +54,12 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
+    s3.set_endpoint(cfg.s3_endpoint)
+    cfg.s3_endpoint = s3.endpoint()  # the workers get it explicitly (their env is fixed)
     cfg.data = [storage.normalize(d) for d in cfg.data]
     cfg.storage = storage.normalize(cfg.storage)
     preflight(cfg)
+    storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -68,7 +71,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=cfg.storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             # Our workers print one line per epoch; Ray's per-report INFO lines drown it.
@@ -84,7 +88,11 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     document = {"config": cfg.to_dict(), **metrics}
     result_file = storage.join(run_dir, RESULT_FILE)
     storage.write_bytes(result_file, (json.dumps(document, indent=2) + "\n").encode())
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = (
+        storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+        if result.checkpoint
+        else None
+    )
     return TrainOutcome(run_dir, result_file, checkpoint, metrics)
 
 

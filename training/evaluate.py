@@ -31,6 +31,8 @@ def eval_batches(
         augment=False,
         seed=cfg.seed,
         num_classes=len(manifest.classes),
+        cache_dir=cfg.cache_dir,
+        cache_size=cfg.cache_size,
     )
 
 
@@ -53,8 +55,7 @@ def evaluate_checkpoint(
     checkpoint: str, data: list[str] | None = None, split: str = "test", loader_workers: int = 2
 ) -> list[tuple[str, float, int]]:
     """[(dataset, accuracy, samples)] of the checkpoint's heads on `split`, on one process."""
-    path = find_checkpoint(storage.local_path(checkpoint))
-    state = load_state(path)
+    state = load_state(find_checkpoint(storage.normalize(checkpoint)))
     cfg = TrainConfig.from_dict(state["config"])
     data = data or cfg.data
     if len(data) != len(cfg.data):

@@ -8,7 +8,6 @@ metrics plus a checkpoint (every rank calls `ray.train.report`, rank 0 attaches 
 from __future__ import annotations
 
 import inspect
-import logging
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from cluster import s3
 from cluster.errors import UserError
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
@@ -53,9 +53,9 @@ def say(message: str) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    # Ray Train logs every report at INFO; our one line per epoch is the readable summary.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = TrainConfig.from_dict(config)
+    # This process's environment was fixed when its node started: take the driver's endpoint.
+    s3.set_endpoint(cfg.s3_endpoint)
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
     metrics = serve_metrics(port, cfg.name, world.rank)
@@ -201,6 +201,8 @@ def _train_batches(
         augment=cfg.augment,
         seed=cfg.seed,
         num_classes=len(manifest.classes),
+        cache_dir=cfg.cache_dir,
+        cache_size=cfg.cache_size,
     )
 
 
