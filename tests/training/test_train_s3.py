@@ -1,0 +1,63 @@
+"""Training from and to S3 on a real S3 server over HTTP on 127.0.0.1 (moto), with faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster import s3 as s3_backend
+from cluster import storage
+from data_prep.prep import prep
+from training.config import TrainConfig
+from training.driver import run_training
+from training.evaluate import evaluate_checkpoint
+
+
+def config(data: str, runs: str, endpoint: str, **overrides) -> TrainConfig:
+    values = dict(
+        data=[data],
+        storage=runs,
+        name="digits-s3",
+        weights="none",
+        image_size=32,
+        batch_size=16,
+        epochs=2,
+        augment=False,
+        workers=2,
+        loader_workers=1,
+        max_failures=0,
+        metrics_port=0,
+        s3_endpoint=endpoint,
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def test_prep_train_checkpoint_resume_evaluate_on_s3(
+    ray_cluster, digits_dir: Path, s3, bucket: str, fault_proxy, tmp_path
+):
+    data, runs = f"{bucket}/datasets/digits", f"{bucket}/runs"
+    prep(str(digits_dir), data, num_shards=3)
+    cache = tmp_path / "cache"
+
+    first = run_training(config(data, runs, s3.endpoint, cache_dir=str(cache)))
+    keys = s3.list_keys(bucket, "runs/digits-s3/")
+    assert "runs/digits-s3/result.json" in keys
+    assert sum(k.endswith("/state.pt") for k in keys) == 2
+    assert first.checkpoint and first.checkpoint.startswith(f"{runs}/digits-s3/checkpoint_")
+    # Shards read to the end were kept on local disk for the next epoch.
+    assert list(cache.glob("*.tar"))
+    result = json.loads(storage.read_bytes(first.result_file))
+
+    # Resume from the S3 checkpoint, through a proxy that fails and cuts off responses.
+    fault_proxy.set_faults(error_rate=0.1, truncate_rate=0.1, seed=7)
+    second = run_training(config(data, runs, fault_proxy.endpoint, epochs=3))
+    assert fault_proxy.injected["error"] > 0
+    resumed = json.loads(storage.read_bytes(second.result_file))
+    assert resumed["history"][:2] == result["history"]
+    assert len(resumed["history"]) == 3 and resumed["step"] == result["step"] * 3 // 2
+
+    s3_backend.set_endpoint(s3.endpoint)
+    [(_, accuracy, n)] = evaluate_checkpoint(f"{runs}/digits-s3", loader_workers=0)
+    assert accuracy == pytest.approx(resumed["test_accuracy"]) and n > 0
