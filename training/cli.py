@@ -79,9 +79,11 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--workers",
-        type=int,
-        default=defaults.workers,
-        help="training workers, one DDP rank each (default: %(default)s)",
+        type=_workers,
+        default=(defaults.min_workers, defaults.workers),
+        metavar="N|MIN-MAX",
+        help="training workers, one DDP rank each; MIN-MAX trains elastically, going on with "
+        f"fewer workers when nodes are lost (default: {defaults.workers})",
     )
     c.add_argument(
         "--gpus-per-worker",
@@ -118,6 +120,7 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         default=None,
         help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)",
     )
+    add_checkpoint_flags(p, defaults)
     s = p.add_argument_group("storage")
     add_s3_endpoint_flag(s)
     s.add_argument(
@@ -131,6 +134,41 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         default=defaults.cache_size,
         help="size limit of --cache-dir, e.g. 50GB (default: 10GB)",
     )
+
+
+def add_checkpoint_flags(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    k = p.add_argument_group("checkpoints")
+    k.add_argument(
+        "--checkpoint-every-steps",
+        type=int,
+        default=defaults.checkpoint_every_steps,
+        metavar="N",
+        help="also checkpoint every N steps, not only at epoch ends (default: %(default)s)",
+    )
+    k.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=defaults.keep_checkpoints,
+        metavar="K",
+        help="keep the newest K checkpoints, 0 for all (default: %(default)s)",
+    )
+    k.add_argument(
+        "--sample-log",
+        default=None,
+        metavar="DIR",
+        help="debug: append the keys of every trained batch to DIR/rank-R.tsv",
+    )
+
+
+def _workers(text: str) -> tuple[int | None, int]:
+    low, _, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number or MIN-MAX, e.g. 2-8") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return (lo if high else None), hi
 
 
 def add_s3_endpoint_flag(p) -> None:
@@ -154,6 +192,7 @@ def _size(text: str) -> int:
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["min_workers"], values["workers"] = args.workers
     return TrainConfig(**{**values, **overrides})
 
 

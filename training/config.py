@@ -40,11 +40,22 @@ class TrainConfig:
     seed: int = 1234
 
     workers: int = 2
+    """Training workers (DDP ranks); with min_workers set, the most Ray may start."""
+    min_workers: int | None = None
+    """Elastic training: keep going with as few as this many workers when nodes are lost."""
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     loader_workers: int = 2
     """DataLoader worker processes per training worker (0: decode in the training process)."""
     max_failures: int = 3
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N global steps (0: only at the end of each epoch)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in storage; older ones are deleted (0 keeps all)."""
+    shuffle_block: int = 4096
+    """Samples permuted together within an epoch (the shuffle's reach; part of the order)."""
+    sample_log: str | None = None
+    """Debug: append each trained batch's sample keys to SAMPLE_LOG/rank-R.tsv (a local dir)."""
     metrics_port: int = 9100
     """Workers serve /metrics on this port + their local rank; 0 disables."""
 

@@ -40,7 +40,6 @@ from training.shard_cache import ShardCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SHUFFLE_BUFFER = 2000
 META_SUFFIXES = {"cls", "json"}
 
 
@@ -113,20 +112,6 @@ def _raw(sample: dict, url: str) -> RawSample:
     return RawSample(sample["__key__"], sample[images[0]], int(sample["cls"]))
 
 
-def shuffled(samples: Iterator[RawSample], rng: random.Random, size: int) -> Iterator[RawSample]:
-    """A seeded shuffle buffer; it holds compressed bytes, never decoded images."""
-    buffer: list[RawSample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def decode_image(data: bytes) -> Image.Image:
     """Any image prep accepted → 8-bit RGB (16-bit greyscale is scaled, not clipped)."""
     img = Image.open(io.BytesIO(data))
@@ -145,16 +130,19 @@ def build_transform(image_size: int, augment: bool) -> T.Compose:
     return T.Compose([*crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    return (num_samples // world_size) // batch_size
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, consumed: int = 0) -> int:
+    """Global steps left in an epoch after `consumed` samples; the remainder is dropped."""
+    return max(0, num_samples - consumed) // (world_size * batch_size)
 
 
-class ShardBatches(IterableDataset):
-    """Batches of (images, labels) of one split for one rank, in the epoch's fixed order.
+def block_permutation(seed: int, epoch: int, block: int, size: int) -> list[int]:
+    perm = list(range(size))
+    random.Random(f"{seed}:{epoch}:block:{block}").shuffle(perm)
+    return perm
 
-    Training (`train=True`) drops the remainder so every rank yields exactly
-    `steps_per_epoch` batches; evaluation reads every sample once across the ranks.
-    """
+
+class _Batches(IterableDataset):
+    """Decoding shared by the training and evaluation batch streams."""
 
     def __init__(
         self,
@@ -163,48 +151,128 @@ class ShardBatches(IterableDataset):
         world: World,
         batch_size: int,
         image_size: int,
-        train: bool,
         augment: bool,
         seed: int,
         num_classes: int,
         cache_dir: str | None = None,
         cache_size: int = 0,
+        with_keys: bool = False,
     ) -> None:
-        self.dataset = dataset
+        self.dataset, self.shards, self.world = dataset, shards, world
+        self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
+        self.augment = augment
+        self.transform = build_transform(image_size, augment)
         self.cache_dir, self.cache_size = cache_dir, cache_size
-        self.shards = shards
-        self.world = world
-        self.batch_size = batch_size
-        self.train = train
-        self.transform = build_transform(image_size, augment and train)
-        self.augment = augment and train
-        self.seed = seed
-        self.num_classes = num_classes
-        self.epoch = 0
+        self.with_keys = with_keys
         self.total = sum(s.num_samples for s in shards)
+        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _reader_world(self) -> World:
+        info = get_worker_info()
+        return self.world.with_loader_worker(info.id, info.num_workers) if info else self.world
 
-    def rank_positions(self) -> range:
-        if self.train:
-            n = steps_per_epoch(self.total, self.world.world_size, self.batch_size)
-            per_rank = n * self.batch_size
-            return range(self.world.rank * per_rank, (self.world.rank + 1) * per_rank)
-        return self.world.rank_range(self.total, drop_last=False)
+    def _read(self, shards: list[Shard], positions: range) -> Iterator[RawSample]:
+        cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
+        return read_samples(self.dataset, shards, positions, cache)
+
+    def _decode(self, batch: list[RawSample], key: int) -> tuple:
+        """Decode and transform; `key` names the batch (augmentation is seeded with it)."""
+        labels = torch.tensor([s.label for s in batch])
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
+        # Fork the RNG so the augmentation of batch j is the same whichever process decodes it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, key)) & (2**63 - 1))
+            images = torch.stack([self.transform(decode_image(s.image)) for s in batch])
+        return (images, labels, [s.key for s in batch]) if self.with_keys else (images, labels)
+
+
+class TrainBatches(_Batches):
+    """One rank's training batches of an epoch, resumable at any step.
+
+    The epoch's sample order is a function of (seed, epoch) alone: shards shuffled and laid
+    end to end, then each block of `shuffle_block` consecutive samples permuted. Global step t
+    takes the next batch_size × world_size samples of that order and rank r the r-th
+    batch_size of them, so 2 ranks × batch b see exactly what 1 rank × batch 2b sees, and
+    every rank runs the same number of steps. Resuming after `consumed` samples is arithmetic:
+    whole shards before it are not opened, and tar entries before it are read, not decoded.
+    Each reader keeps only its own samples of a block (compressed) until it can emit them.
+    """
+
+    def __init__(self, *args, shuffle_block: int = 4096, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.block = shuffle_block
+        self.consumed = 0
+
+    def set_position(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, consumed
 
     def __len__(self) -> int:
-        return -(-len(self.rank_positions()) // self.batch_size)
+        return steps_per_epoch(self.total, self.world.world_size, self.batch_size, self.consumed)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        info = get_worker_info()
-        world = self.world.with_loader_worker(info.id, info.num_workers) if info else self.world
-        order = epoch_shard_order(self.shards, self.seed, self.epoch, shuffle=self.train)
-        cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
-        samples = read_samples(self.dataset, order, self.rank_positions(), cache)
-        if self.train:
-            rng = random.Random(f"{self.seed}:{self.epoch}:{world.rank}:buffer")
-            samples = shuffled(samples, rng, SHUFFLE_BUFFER)
+    def __iter__(self) -> Iterator[tuple]:
+        world = self._reader_world()
+        b, stride = self.batch_size, self.batch_size * world.world_size
+        steps = len(self)
+        if steps == 0:
+            return
+
+        # Output positions of this reader's batches: step t of this run of the epoch holds
+        # positions start(t) .. start(t)+b-1; reader w of W decodes steps w, w+W, ...
+        def start(t: int) -> int:
+            return self.consumed + t * stride + world.rank * b
+
+        def step_of(p: int) -> int | None:
+            """The step whose batch for this reader holds output position p, if any."""
+            if p < self.consumed:
+                return None
+            t, offset = divmod(p - self.consumed, stride)
+            mine = t < steps and world.rank * b <= offset < (world.rank + 1) * b
+            return t if mine and world.owns_batch(t) else None
+
+        pending = iter([t for t in range(steps) if world.owns_batch(t)])
+        t = next(pending, None)
+        if t is None:
+            return
+        first = start(t) // self.block * self.block
+        last_step = steps - 1 - next(i for i in range(steps) if world.owns_batch(steps - 1 - i))
+        stop = min(self.total, -(-(start(last_step) + b) // self.block) * self.block)
+        wanted: dict[int, int] = {}  # stream index → output position, in the current block
+        held: dict[int, RawSample] = {}  # output position → sample
+        order = epoch_shard_order(self.shards, self.seed, self.epoch, shuffle=True)
+        for index, sample in enumerate(self._read(order, range(first, stop)), start=first):
+            if index % self.block == 0:
+                base = index
+                size = min(self.block, self.total - base)
+                perm = block_permutation(self.seed, self.epoch, base // self.block, size)
+                wanted = {
+                    base + perm[p - base]: p
+                    for p in range(base, base + size)
+                    if step_of(p) is not None
+                }
+            if index in wanted:
+                held[wanted.pop(index)] = sample
+            if (index + 1) % self.block == 0 or index + 1 == stop:
+                # The block is complete, so every position in it is known: emit what is done.
+                while t is not None and start(t) + b <= index + 1:
+                    batch = [held.pop(p) for p in range(start(t), start(t) + b)]
+                    yield self._decode(batch, start(t))
+                    t = next(pending, None)
+        assert t is None and not held, "the shards ended before the epoch did"
+
+
+class EvalBatches(_Batches):
+    """Every sample of a split once across the ranks, in manifest order, no augmentation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, augment=False, **kwargs)
+
+    def __len__(self) -> int:
+        return -(-len(self.world.rank_range(self.total, drop_last=False)) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple]:
+        world = self._reader_world()
+        samples = self._read(self.shards, world.rank_range(self.total, drop_last=False))
         batch: list[RawSample] = []
         index = 0
         for sample in samples:
@@ -216,21 +284,9 @@ class ShardBatches(IterableDataset):
         if batch and world.owns_batch(index):
             yield self._decode(batch, index)
 
-    def _decode(self, batch: list[RawSample], index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.tensor([s.label for s in batch])
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
-        # Fork the RNG so the augmentation of batch j is the same whichever process decodes it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, self.world.rank, index)) & (2**63 - 1))
-            images = torch.stack([self.transform(decode_image(s.image)) for s in batch])
-        return images, labels
 
-
-def build_loader(
-    batches: ShardBatches, loader_workers: int, pin_memory: bool = False
-) -> DataLoader:
-    # Workers are rebuilt each epoch (not persistent) so they pick up set_epoch.
+def build_loader(batches: _Batches, loader_workers: int, pin_memory: bool = False) -> DataLoader:
+    # Workers are rebuilt each epoch (not persistent) so they pick up set_position.
     return DataLoader(
         batches,
         batch_size=None,

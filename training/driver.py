@@ -65,7 +65,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers,
+            num_workers=cfg.workers if cfg.min_workers is None else (cfg.min_workers, cfg.workers),
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
         ),
@@ -74,7 +74,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
             # Our workers print one line per epoch; Ray's per-report INFO lines drown it.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

@@ -14,21 +14,19 @@ from cluster.world import World
 from data_prep.manifest import Manifest, read_manifest
 from training.checkpoint import find_checkpoint, load_state
 from training.config import TrainConfig
-from training.data import ShardBatches, build_loader
+from training.data import EvalBatches, build_loader
 from training.model import MetaModel, build_model
 
 
 def eval_batches(
     dataset: str, manifest: Manifest, split: str, cfg: TrainConfig, world: World
-) -> ShardBatches:
-    return ShardBatches(
+) -> EvalBatches:
+    return EvalBatches(
         dataset,
         manifest.shards(split),
         world,
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
-        train=False,
-        augment=False,
         seed=cfg.seed,
         num_classes=len(manifest.classes),
         cache_dir=cfg.cache_dir,
@@ -38,12 +36,12 @@ def eval_batches(
 
 @torch.no_grad()
 def count_correct(
-    model: MetaModel, head: int, batches: ShardBatches, device: torch.device, loader_workers: int
+    model: MetaModel, head: int, batches: EvalBatches, device: torch.device, loader_workers: int
 ) -> tuple[int, int]:
     """(correct, total) of head `head` over this rank's part of the split."""
     model.eval()
     correct = total = 0
-    for images, labels in build_loader(batches, loader_workers):
+    for images, labels, *_ in build_loader(batches, loader_workers):
         features = model.features(images.to(device))
         predicted = model.heads[head](features).argmax(dim=1).cpu()
         correct += int((predicted == labels).sum())

@@ -1,8 +1,10 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Reads top to bottom: build the model, restore the latest checkpoint if the run is being
-resumed, then per epoch: train on interleaved batches of every dataset, validate, and report
-metrics plus a checkpoint (every rank calls `ray.train.report`, rank 0 attaches the files).
+Reads top to bottom: build the model, restore the newest readable checkpoint if the run is
+being resumed (mid-epoch included), then per step: one batch of every dataset, forward, the
+meta-loss, backward, optimizer; every --checkpoint-every-steps steps and at each epoch's end a
+checkpoint; after each epoch validation. Every rank calls `ray.train.report` (it is a barrier);
+rank 0 attaches the checkpoint files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import inspect
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -22,12 +26,13 @@ from cluster.errors import UserError
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.manifest import Manifest, read_manifest
-from training.checkpoint import load_state, rng_state, save_state, set_rng_state
+from training.checkpoint import rng_state, save_state, set_rng_state
 from training.config import TrainConfig
-from training.data import ShardBatches, build_loader
+from training.data import TrainBatches, build_loader
 from training.evaluate import count_correct, eval_batches
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
+from training.resume import check_resumable, restore_state
 
 # DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
 # backbone has no BatchNorm statistics to keep in sync, so do not sync buffers every forward.
@@ -38,8 +43,20 @@ NO_BUFFER_SYNC = (
     else {"broadcast_buffers": False}
 )
 
-# A resumed run must train the same model on the same data; other settings may change.
-IDENTITY_FIELDS = ("data", "weights", "adapters", "seed")
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint, so a restart continues exactly."""
+
+    epoch: int = 0
+    consumed: int = 0
+    """Samples of each dataset consumed in this epoch (all ranks together)."""
+    step: int = 0
+    """Global optimizer steps since the start of the run."""
+    epoch_steps: int = 0
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Sums of loss, cross-entropy and penalty over this epoch's steps (rank-local)."""
+    history: list[dict] = field(default_factory=list)
 
 
 def dataset_label(location: str) -> str:
@@ -75,19 +92,20 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     loss_fn = MetaLoss(cfg.meta_lambda)
     torch.manual_seed(cfg.seed + world.rank)
 
-    start_epoch, step, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_state(directory)
-        _check_resumable(state, cfg, backbone_sha)
+    pos = Position()
+    state = restore_state(cfg, say if world.is_main else lambda _: None)
+    if state:
+        check_resumable(state, cfg, backbone_sha)
         model.load_trainable(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        start_epoch, step, history = state["epoch"], state["step"], list(state["history"])
+        pos = Position(**state["position"])
         if world.is_main:
-            say(f"resuming {cfg.name} at epoch {start_epoch + 1} (step {step})")
+            say(
+                f"resuming {cfg.name} at epoch {pos.epoch + 1}, sample {pos.consumed} "
+                f"(step {pos.step})"
+            )
 
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
     urls = _gather(metrics.url, world)
@@ -95,44 +113,60 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     train_sets = [
         _train_batches(d, m, cfg, world) for d, m in zip(cfg.data, manifests, strict=True)
     ]
-    steps = min(len(b) for b in train_sets)
-    if steps == 0:
-        raise UserError(
-            f"a train split is too small for {world.world_size} workers × batch "
-            f"{cfg.batch_size}; lower --batch-size or --workers"
-        )
+    log = _sample_log(cfg, world)
+    stride = cfg.batch_size * world.world_size
 
-    for epoch in range(start_epoch, cfg.epochs):
-        metrics.epoch(epoch)
+    while pos.epoch < cfg.epochs:
+        metrics.epoch(pos.epoch)
         model.train()
         for batches in train_sets:
-            batches.set_epoch(epoch)
-        loaders = [
-            iter(build_loader(b, cfg.loader_workers, device.type == "cuda")) for b in train_sets
-        ]
-        totals = torch.zeros(3)
+            batches.set_position(pos.epoch, pos.consumed)
+        steps = min(len(b) for b in train_sets)
+        if steps == 0 and pos.consumed == 0:
+            raise UserError(
+                f"a train split is too small for {world.world_size} workers × batch "
+                f"{cfg.batch_size}; lower --batch-size or --workers"
+            )
+        pin = device.type == "cuda"
+        loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
         started = tick = time.perf_counter()
-        for _ in range(steps):
+        for i in range(steps):
             batch = [next(it) for it in loaders]
             ready = time.perf_counter()
-            images = torch.cat([x for x, _ in batch]).to(device, non_blocking=True)
-            targets = [y.to(device, non_blocking=True) for _, y in batch]
+            images = torch.cat([x[0] for x in batch]).to(device, non_blocking=True)
+            targets = [x[1].to(device, non_blocking=True) for x in batch]
             logits, penalty = ddp_model(images, [len(y) for y in targets])
             parts = loss_fn(logits, targets, penalty)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             optimizer.step()
-            step += 1
-            values = torch.stack([p.detach() for p in parts]).float().cpu()
-            totals += values
+            values = torch.stack([p.detach() for p in parts]).float().cpu().tolist()
+            if log:
+                for d, x in enumerate(batch):
+                    log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{' '.join(x[2])}\n")
+                log.flush()
+            pos.step, pos.epoch_steps, pos.consumed = (
+                pos.step + 1,
+                pos.epoch_steps + 1,
+                pos.consumed + stride,
+            )
+            pos.totals = [a + v for a, v in zip(pos.totals, values, strict=True)]
             done = time.perf_counter()
             metrics.step(
                 {n: len(y) for n, y in zip(names, targets, strict=True)},
                 done - ready,
                 ready - tick,
-                *values.tolist(),
+                *values,
             )
             tick = done
+            every = cfg.checkpoint_every_steps
+            if every and pos.step % every == 0 and i < steps - 1:
+                record = {"epoch": pos.epoch, "step": pos.step}
+                _report(
+                    record,
+                    _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha),
+                    world,
+                )
         del loaders
         scheduler.step()
         seconds = time.perf_counter() - started
@@ -141,85 +175,87 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         for name, acc in zip(names, val, strict=True):
             if acc is not None:
                 metrics.val_accuracy(name, acc)
+        n = max(pos.epoch_steps, 1)
         record = {
-            "epoch": epoch + 1,
-            "loss": float(totals[0]) / steps,
-            "cross_entropy": float(totals[1]) / steps,
-            "meta_penalty": float(totals[2]) / steps,
+            "epoch": pos.epoch + 1,
+            "loss": pos.totals[0] / n,
+            "cross_entropy": pos.totals[1] / n,
+            "meta_penalty": pos.totals[2] / n,
             "val_accuracy": _mean(val),
-            "samples_per_second": steps
-            * cfg.batch_size
-            * len(train_sets)
-            * world.world_size
-            / seconds,
+            "samples_per_second": steps * stride * len(train_sets) / seconds,
             "epoch_seconds": seconds,
         }
-        history.append(dict(record))
-        if epoch + 1 == cfg.epochs:
+        pos.history.append(dict(record))
+        pos = Position(pos.epoch + 1, 0, pos.step, 0, [0.0, 0.0, 0.0], pos.history)
+        if pos.epoch == cfg.epochs:
             # The last report carries the final results: Ray keeps a run's metrics with its
             # latest checkpoint, so a resumed-but-finished run still finds them there.
             test = _accuracy(model, cfg, world, manifests, "test", device)
             record |= {
-                "step": step,
+                "step": pos.step,
                 "test_accuracy": _mean(test),
                 "test_accuracy_per_dataset": dict(zip(names, test, strict=True)),
                 "fingerprint": state_fingerprint(model.trainable_state_dict()),
-                "history": history,
+                "history": pos.history,
                 "metrics_urls": urls,
             }
         if world.is_main:
             say(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f} (ce "
+                f"epoch {record['epoch']}/{cfg.epochs}  loss {record['loss']:.4f} (ce "
                 f"{record['cross_entropy']:.4f}, penalty {record['meta_penalty']:.2e})  val_acc "
                 f"{_fmt(record['val_accuracy'])}  {record['samples_per_second']:.0f} img/s"
             )
-        state = {
-            "model": model.trainable_state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch + 1,
-            "step": step,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-            "classes": [m.classes for m in manifests],
-            "backbone": {"weights": cfg.weights, "sha256": backbone_sha},
-            "history": history,
-        }
-        _report(record, state if world.is_main else None, f"checkpoint_{step:09d}")
+        _report(
+            record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha), world
+        )
+
+
+def _state(cfg, model, optimizer, scheduler, pos: Position, manifests, backbone_sha) -> dict:
+    return {
+        "model": model.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": pos.epoch,
+        "step": pos.step,
+        "position": {
+            "epoch": pos.epoch,
+            "consumed": pos.consumed,
+            "step": pos.step,
+            "epoch_steps": pos.epoch_steps,
+            "totals": list(pos.totals),
+            "history": list(pos.history),
+        },
+        "rng": rng_state(),
+        "config": cfg.to_dict(),
+        "classes": [m.classes for m in manifests],
+        "backbone": {"weights": cfg.weights, "sha256": backbone_sha},
+    }
 
 
 def _train_batches(
     dataset: str, manifest: Manifest, cfg: TrainConfig, world: World
-) -> ShardBatches:
-    return ShardBatches(
+) -> TrainBatches:
+    return TrainBatches(
         dataset,
         manifest.shards("train"),
         world,
         batch_size=cfg.batch_size,
         image_size=cfg.image_size,
-        train=True,
         augment=cfg.augment,
         seed=cfg.seed,
         num_classes=len(manifest.classes),
         cache_dir=cfg.cache_dir,
         cache_size=cfg.cache_size,
+        with_keys=cfg.sample_log is not None,
+        shuffle_block=cfg.shuffle_block,
     )
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, backbone_sha: str) -> None:
-    before = state["config"]
-    changed = [f for f in IDENTITY_FIELDS if before.get(f) != getattr(cfg, f)]
-    if changed:
-        flags = ", ".join(f"--{f.replace('_', '-')}" for f in changed)
-        raise UserError(
-            f"run {cfg.name!r} was started with other {flags}; resume with the same values or "
-            "start a new run with another --name"
-        )
-    if state["backbone"]["sha256"] != backbone_sha:
-        raise UserError(
-            f"--weights {cfg.weights} now gives a different backbone than the one run "
-            f"{cfg.name!r} was trained with; start a new run with another --name"
-        )
+def _sample_log(cfg: TrainConfig, world: World):
+    if not cfg.sample_log:
+        return None
+    Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
+    return open(Path(cfg.sample_log) / f"rank-{world.rank}.tsv", "a")  # noqa: SIM115
 
 
 def _accuracy(
@@ -260,9 +296,9 @@ def _gather(url: str | None, world: World) -> list[str | None]:
     return urls
 
 
-def _report(metrics: dict, state: dict | None, directory_name: str | None) -> None:
-    """Every rank reports (it is a barrier); only rank 0 passes the checkpoint files."""
-    if state is None:
+def _report(metrics: dict, state: dict, world: World) -> None:
+    """Every rank reports (it is a barrier); only rank 0 writes and passes the checkpoint."""
+    if not world.is_main:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,5 +306,5 @@ def _report(metrics: dict, state: dict | None, directory_name: str | None) -> No
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=directory_name,
+            checkpoint_dir_name=f"checkpoint_{state['step']:09d}",
         )
