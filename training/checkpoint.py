@@ -74,7 +74,7 @@ def find_checkpoint(location: str) -> str:
         return location
     if storage.exists(storage.join(location, STATE_FILE)):
         return storage.join(location, STATE_FILE)
-    # Checkpoint directories are named by global step (checkpoint_000000123): newest last.
+    # Checkpoint directories are named by global step, then time: newest last.
     names = sorted(n for n in storage.list_dir(location) if n.startswith("checkpoint_"))
     for name in reversed(names):
         url = storage.join(location, name, STATE_FILE)

@@ -76,6 +76,14 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         help="turn off random resized crops and flips",
     )
     o.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
+    o.add_argument(
+        "--shuffle-block",
+        type=int,
+        default=defaults.shuffle_block,
+        metavar="N",
+        help="samples shuffled together within an epoch; with --seed it fixes the data order "
+        "(default: %(default)s)",
+    )
     c = p.add_argument_group("cluster")
     c.add_argument(
         "--workers",

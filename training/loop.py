@@ -306,5 +306,7 @@ def _report(metrics: dict, state: dict, world: World) -> None:
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{state['step']:09d}",
+            # Step first, so names sort by progress; the time keeps a step redone after a
+            # restore from reusing (and Ray's retention from deleting) an earlier directory.
+            checkpoint_dir_name=f"checkpoint_{state['step']:09d}_{time.time_ns() // 10**6}",
         )

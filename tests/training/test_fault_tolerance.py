@@ -1,0 +1,201 @@
+"""Exact, fault-tolerant training: kill workers or the driver, still get the same model.
+
+All on a real local Ray cluster with 2 CPU workers and real digit scans. The reference is an
+uninterrupted run; the debug sample log (--sample-log) records the keys of every trained
+batch, so the tests can check that the history the final weights descend from trained every
+sample of every epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.prep import prep
+from training.checkpoint import load_state
+from training.config import TrainConfig
+from training.driver import run_training
+
+EPOCHS, BATCH, WORKERS = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
+    dst = str(tmp_path_factory.mktemp("ft-shards"))
+    prep(str(digits_dir), dst, num_shards=3)
+    return dst
+
+
+def config(shards: str, root: Path, name: str, **overrides) -> TrainConfig:
+    values = dict(
+        data=[shards],
+        storage=str(root / "runs"),
+        name=name,
+        weights="none",
+        image_size=32,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        augment=False,
+        workers=WORKERS,
+        loader_workers=1,
+        max_failures=6,
+        metrics_port=0,
+        checkpoint_every_steps=4,
+        keep_checkpoints=3,
+        shuffle_block=128,
+        sample_log=str(root / "log" / name),
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def trained_history(log_dir: str) -> dict[tuple, list[str]]:
+    """(epoch, position, rank, dataset) → keys, the last write winning: a step redone after a
+    restore replaces the lost one, so this is the history the final weights descend from."""
+    history: dict[tuple, list[str]] = {}
+    for path in sorted(Path(log_dir).glob("rank-*.tsv")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            epoch, position, dataset, keys = line.split("\t")
+            history[(int(epoch), int(position), rank, int(dataset))] = keys.split()
+    return history
+
+
+def assert_exactly_once(history: dict[tuple, list[str]], reference: dict[tuple, list[str]]):
+    assert history == reference
+    for epoch in range(EPOCHS):
+        keys = [k for (e, *_), batch in history.items() if e == epoch for k in batch]
+        assert keys and len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained twice"
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    outcome = run_training(config(shards, root, "reference"))
+    result = json.loads(Path(outcome.result_file).read_text())
+    return result, trained_history(str(root / "log" / "reference")), outcome
+
+
+def progress(log: Path, offset: int) -> tuple[int, int] | None:
+    """The (epoch, position) of the newest step rank 0 logged after byte `offset`."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            lines = f.read().decode().splitlines()
+    except FileNotFoundError:
+        return None
+    return max(
+        ((int(a), int(b)) for a, b, *_ in (ln.split("\t") for ln in lines if ln)), default=None
+    )
+
+
+def worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def wait_for(log: Path, offset: int, target: tuple[int, int], deadline: float, alive) -> None:
+    while alive() and time.monotonic() < deadline:
+        seen = progress(log, offset)
+        if seen is not None and seen >= target:
+            return
+        time.sleep(0.05)
+
+
+def test_killed_workers_change_nothing(shards, reference, tmp_path):
+    result, ref_history, _ = reference
+    cfg = config(shards, tmp_path, "chaos")
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(out=run_training(cfg)))
+    run.start()
+    steps_per_epoch = len(ref_history) // (EPOCHS * WORKERS)
+    stride = BATCH * WORKERS
+    rng = random.Random(2026)
+    targets = sorted(rng.sample(range(2, EPOCHS * steps_per_epoch - 2), 3))
+    log = Path(cfg.sample_log) / "rank-0.tsv"
+    kills = 0
+    offset = 0
+    deadline = time.monotonic() + 600
+    for target in targets:
+        epoch, step = divmod(target, steps_per_epoch)
+        wait_for(log, offset, (epoch, step * stride), deadline, run.is_alive)
+        pids = worker_pids()
+        if not run.is_alive() or not pids:
+            break
+        offset = log.stat().st_size
+        os.kill(pids[kills % len(pids)], signal.SIGKILL)
+        kills += 1
+    run.join()
+    assert kills == 3, "the run finished before all three kills"
+    chaos = json.loads(Path(outcome["out"].result_file).read_text())
+    assert chaos["fingerprint"] == result["fingerprint"]
+    assert chaos["test_accuracy"] == result["test_accuracy"]
+    assert_exactly_once(trained_history(cfg.sample_log), ref_history)
+
+
+def test_killed_driver_and_rerun_change_nothing(shards, reference, ray_cluster, tmp_path):
+    result, ref_history, _ = reference
+    cfg = config(shards, tmp_path, "driver-kill")
+    address = ray_cluster.get_runtime_context().gcs_address
+    command = [
+        str(Path(sys.executable).parent / "metatrainer"), "train",
+        "--data", shards, "--storage", cfg.storage, "--name", cfg.name,
+        "--weights", "none", "--image-size", "32", "--batch-size", str(BATCH),
+        "--epochs", str(EPOCHS), "--no-augment", "--workers", str(WORKERS),
+        "--loader-workers", "1", "--max-failures", "0", "--metrics-port", "0",
+        "--checkpoint-every-steps", "4", "--sample-log", cfg.sample_log,
+        "--shuffle-block", "128", "--address", address,
+    ]  # fmt: skip
+    driver = subprocess.Popen(command, start_new_session=True)
+    log = Path(cfg.sample_log) / "rank-0.tsv"
+    wait_for(log, 0, (1, 40), time.monotonic() + 300, lambda: driver.poll() is None)
+    assert driver.poll() is None, "the run finished before the driver could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    # Ray ends a dead driver's job: its workers go away before the rerun starts new ones.
+    deadline = time.monotonic() + 60
+    while worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming driver-kill at epoch" in rerun.stdout + rerun.stderr
+    final = json.loads((Path(cfg.storage) / cfg.name / "result.json").read_text())
+    assert final["fingerprint"] == result["fingerprint"]
+    assert_exactly_once(trained_history(cfg.sample_log), ref_history)
+
+
+def test_corrupted_latest_checkpoint_is_skipped(shards, reference, tmp_path, capfd):
+    result, ref_history, _ = reference
+    first = run_training(config(shards, tmp_path, "corrupt", epochs=1))
+    latest = Path(first.checkpoint) / "state.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    capfd.readouterr()
+    second = run_training(config(shards, tmp_path, "corrupt"))
+    out = capfd.readouterr()
+    assert f"skipping checkpoint {latest.parent.name}" in out.out + out.err
+    final = json.loads(Path(second.result_file).read_text())
+    assert final["fingerprint"] == result["fingerprint"]
+    assert_exactly_once(trained_history(str(tmp_path / "log" / "corrupt")), ref_history)
+
+
+def test_two_workers_equal_one_worker_with_twice_the_batch(shards, reference, tmp_path):
+    _, _, two = reference
+    one = run_training(
+        config(shards, tmp_path, "one-worker", workers=1, batch_size=2 * BATCH, sample_log=None)
+    )
+    a = load_state(two.checkpoint)["model"]
+    b = load_state(one.checkpoint)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
