@@ -153,9 +153,19 @@ def head(url: str) -> dict | None:
         try:
             return client().head_object(Bucket=bucket, Key=key)
         except bx.ClientError as e:
+            if not _is_missing(e):
+                raise
+        # A HEAD answer has no body to say which is missing: the object, or the bucket.
+        try:
+            client().head_bucket(Bucket=bucket)
+        except bx.ClientError as e:
             if _is_missing(e):
-                return None
+                where = endpoint() or "the default AWS endpoint"
+                raise UserError(
+                    f"bucket {bucket} does not exist at {where}: create it or fix the URL"
+                ) from None
             raise
+        return None
 
     return retry(op, url)
 

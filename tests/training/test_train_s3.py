@@ -61,3 +61,22 @@ def test_prep_train_checkpoint_resume_evaluate_on_s3(
     s3_backend.set_endpoint(s3.endpoint)
     [(_, accuracy, n)] = evaluate_checkpoint(f"{runs}/digits-s3", loader_workers=0)
     assert accuracy == pytest.approx(resumed["test_accuracy"]) and n > 0
+
+
+def test_s3_errors_in_train_and_evaluate_are_one_line(s3, bucket, tmp_path, capsys):
+    from cluster.cli import main
+
+    cases = [
+        (["train", "--data", "s3://no-such-bucket-here/d", "--storage", str(tmp_path)],
+         "bucket no-such-bucket-here does not exist"),
+        (["train", "--data", f"{bucket}/never-prepared", "--storage", str(tmp_path)],
+         "metatrainer prep"),
+        (["evaluate", "--checkpoint", f"{bucket}/runs/none"], "no checkpoint found"),
+        (["train", "--data", "s3://", "--storage", str(tmp_path)], "not an S3 URL"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        argv = [*argv, "--name", "x"] if argv[0] == "train" else argv
+        assert main([*argv, "--s3-endpoint", s3.endpoint]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+        assert "testing" not in err  # the (dummy) credentials never appear
