@@ -99,9 +99,14 @@ def progress(log: Path, offset: int) -> tuple[int, int] | None:
 
 
 def worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # Name this cluster: other Ray clusters may run on the machine (the state API refuses to
+    # guess between them).
+    address = ray.get_runtime_context().gcs_address
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    actors = list_actors(address=address, filters=filters)
     return [a.pid for a in actors if a.pid]
 
 
