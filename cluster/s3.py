@@ -32,8 +32,9 @@ CHUNK = 8 * 2**20
 """Bytes per ranged GET of a streaming read; each chunk is retried on its own."""
 READ_AHEAD = 4
 """Chunks a streaming read fetches ahead of the reader (bounds its memory)."""
+# Parts in flight are buffered: 4 × 16 MiB bounds an upload's memory, whatever the file size.
 TRANSFER = TransferConfig(
-    multipart_threshold=64 * 2**20, multipart_chunksize=32 * 2**20, max_concurrency=8
+    multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4
 )
 ATTEMPTS = 8
 # A body cut off mid-stream or a dropped connection: botocore retries the request, not the
@@ -117,6 +118,8 @@ def user_error(e: Exception, url: str) -> UserError:
         if code in ("NoSuchKey", "404", "NotFound"):
             return UserError(f"{url} does not exist")
         return UserError(f"S3 error {code} for {url} at {where}")
+    if isinstance(e, bx.ParamValidationError):
+        return UserError(f"{url}: invalid bucket name or key; write s3://BUCKET/PREFIX")
     if isinstance(e, bx.BotoCoreError):
         return UserError(f"S3 request for {url} failed ({type(e).__name__}) at {where}")
     raise e
@@ -137,8 +140,8 @@ def retry(operation: Callable[[], T], url: str) -> T:
 
 
 def _is_unreachable(e: Exception, attempt: int) -> bool:
-    # Nothing listens there at all: fail after a couple of tries, not after a minute.
-    return isinstance(e, bx.EndpointConnectionError) and attempt >= 1
+    # Nothing listens there: botocore has already retried the connection; do not again.
+    return isinstance(e, bx.EndpointConnectionError)
 
 
 def _is_missing(e: bx.ClientError) -> bool:
@@ -192,7 +195,8 @@ def upload(fileobj: BinaryIO, url: str, metadata: dict[str, str] | None = None) 
 
     def op() -> None:
         fileobj.seek(0)
-        client().upload_fileobj(fileobj, bucket, key, ExtraArgs=extra, Config=TRANSFER)
+        # s3transfer closes the file it is given, which would break the next attempt.
+        client().upload_fileobj(_Unclosable(fileobj), bucket, key, ExtraArgs=extra, Config=TRANSFER)
 
     try:
         retry(op, url)
@@ -201,6 +205,35 @@ def upload(fileobj: BinaryIO, url: str, metadata: dict[str, str] | None = None) 
         if isinstance(e, UserError) or cause is None:
             raise
         raise user_error(cause, url) from None
+
+
+class _Unclosable(io.RawIOBase):
+    def __init__(self, f: BinaryIO) -> None:
+        super().__init__()
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        pass
 
 
 def list_names(url: str) -> list[str]:

@@ -3,14 +3,19 @@
 metatrainer prep ~/data/flowers /data/flowers-wds
 metatrainer prep ~/data/flowers /data/flowers-wds --splits train=0.9,val=0.1 --shard-size 1GiB
 RAY_ADDRESS=auto metatrainer prep /shared/flowers /shared/flowers-wds --num-shards 64
+metatrainer prep /shared/flowers s3://bucket/flowers --s3-endpoint http://minio:9000 \
+    --pushgateway http://pushgateway:9091
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from cluster import storage
-from data_prep.prep import DEFAULT_SEED, prep, summary
+from cluster.errors import UserError
+from data_prep.prep import DEFAULT_SEED, prep
+from data_prep.report import metrics_pusher, summary
 from data_prep.scan import DEFAULT_MAX_PIXELS
 from data_prep.splits import DEFAULT_SPLITS, parse_size, parse_splits
 
@@ -19,7 +24,20 @@ Turn an ImageFolder directory (SRC/<class name>/<image>) into WebDataset shards
 (DST/<split>-000000.tar) and DST/manifest.json. Class indices are torchvision ImageFolder's.
 Every file is checked by fully decoding it; files that cannot be used are skipped and listed
 in the manifest with the reason. Runs as Ray tasks: SRC must be readable at the same path
-from every node of the cluster. Progress goes to stderr, a summary table to stdout."""
+from every node of the cluster. Progress goes to stderr, a summary table to stdout.
+
+DST may be s3://BUCKET/PREFIX: each shard is uploaded as soon as it is written, manifest.json
+last. Credentials come from the standard AWS chain only (AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a web-identity role), on every node of the cluster.
+If prep is interrupted, run it again: shards already uploaded intact are kept, the rest are
+written, and the manifest is the same as an uninterrupted run's.
+
+With --pushgateway, the run's metrics are pushed at the end, grouped by job="metatrainer_prep"
+and dataset="<DST>": metatrainer_prep_success (1, or 0 after a failed run),
+metatrainer_prep_duration_seconds, metatrainer_prep_last_success_timestamp_seconds, and
+metatrainer_prep_{images,bytes,shards}_total{split}, metatrainer_prep_skipped_total{reason}.
+A failed run pushes only success=0 and its duration, so the counts still describe the last
+dataset written. A failed push is a warning, never a failed prep."""
 
 
 def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,7 +51,8 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "dst",
         metavar="DST",
-        help="where the shards and manifest.json go (a local directory; created if missing)",
+        help="where the shards and manifest.json go: a local directory (created if missing) "
+        "or s3://BUCKET/PREFIX",
     )
     p.add_argument(
         "--splits",
@@ -75,20 +94,44 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="address of a running Ray cluster (default: RAY_ADDRESS, or else start a local "
         "one on this machine)",
     )
+    p.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3 endpoint for an s3:// DST, e.g. http://minio:9000 (default: "
+        "AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS S3)",
+    )
+    p.add_argument(
+        "--pushgateway",
+        metavar="URL",
+        help="push the run's metrics to this Prometheus Pushgateway, e.g. "
+        "http://pushgateway:9091 (default: push nothing)",
+    )
     p.set_defaults(func=run_prep)
     return p
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    manifest = prep(
-        args.src,
-        args.dst,
-        splits=parse_splits(args.splits),
-        seed=args.seed,
-        shard_size=parse_size(args.shard_size) if args.shard_size is not None else None,
-        num_shards=args.num_shards,
-        max_pixels=args.max_pixels,
-        address=args.address,
-    )
-    print(summary(manifest, storage.normalize(args.dst)))
+    started = time.monotonic()
+    try:
+        dataset = storage.normalize(args.dst)
+    except UserError:
+        dataset = args.dst
+    pusher = metrics_pusher(args.pushgateway, dataset)
+    try:
+        manifest = prep(
+            args.src,
+            args.dst,
+            splits=parse_splits(args.splits),
+            seed=args.seed,
+            shard_size=parse_size(args.shard_size) if args.shard_size is not None else None,
+            num_shards=args.num_shards,
+            max_pixels=args.max_pixels,
+            address=args.address,
+            s3_endpoint=args.s3_endpoint,
+        )
+    except BaseException:
+        pusher.push_failure(time.monotonic() - started)
+        raise
+    pusher.push_success(manifest, time.monotonic() - started)
+    print(summary(manifest, dataset))
     return 0

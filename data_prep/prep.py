@@ -2,22 +2,32 @@
 
     metatrainer prep ~/data/flowers /data/flowers-wds
     metatrainer prep ~/data/flowers /data/flowers-wds --splits train=0.9,val=0.1 --num-shards 8
+    metatrainer prep ~/data/flowers s3://bucket/flowers --s3-endpoint http://minio:9000
 
     from data_prep.prep import prep
     manifest = prep("/data/flowers", "/data/flowers-wds", splits={"train": 0.9, "val": 0.1})
 
 How it runs: the driver walks SRC (directories only), Ray tasks check the files in chunks (a
 full decode of every image), the driver assigns splits and plans the shards, one Ray task per
-shard writes it, and the driver writes `manifest.json` last. Everything is a function of the
-input and the seed, so a second run on the same input writes byte-identical shards and manifest.
+shard builds it in a local temporary file and uploads (or moves) it as soon as it is done, and
+the driver writes `manifest.json` last. Memory stays flat however large the dataset: no task
+holds more than one image in memory. Everything is a function of the input and the seed, so a
+second run on the same input writes byte-identical shards and manifest.
 
 SRC must be readable at the same path from every node of the Ray cluster (a shared
 filesystem): the checking and writing tasks run wherever Ray places them. A local DST is
 written only by tasks on the driver's node, so the shards land next to the manifest.
 
-A re-run into the same DST first removes the old manifest, so a run that fails halfway leaves
-no manifest naming a mix of old and new shards; shards of the old run that the new manifest
-does not name are removed once the new manifest is written.
+DST is a local directory or `s3://bucket/prefix` (endpoint: `s3_endpoint`, else the standard
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; credentials: the standard AWS chain, on every node).
+
+Interrupted runs: run prep again and it finishes the job. It first removes what killed writers
+left (multipart uploads on S3, `.*.tmp` files locally), rebuilds every shard and keeps those
+already in DST with the same size and sha256, so only the missing ones are uploaded, and the
+manifest comes out byte-identical to an uninterrupted run's. A task removes the old manifest
+just before it replaces a shard with different bytes, so no manifest ever names bytes that
+are not there, and a re-run that changes nothing leaves the dataset readable throughout.
+Shards the new manifest does not name are removed once it is written.
 """
 
 from __future__ import annotations
@@ -33,27 +43,22 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster import storage
+from cluster import s3, storage
 from cluster.errors import UserError
 from cluster.ray_cluster import connect
 from data_prep import splits as split_plan
-from data_prep.manifest import MANIFEST_NAME, Manifest, Shard, Skipped, write_manifest
+from data_prep.manifest import Manifest, Shard, Skipped, write_manifest
 from data_prep.progress import Progress
+from data_prep.report import skip_counts_line
 from data_prep.scan import (
     DEFAULT_MAX_PIXELS,
     Candidate,
     ValidImage,
-    read_regular_file,
     scan_source,
     validate_files,
 )
-from data_prep.shard_writer import (
-    ShardWriter,
-    archive_bytes,
-    sample_bytes,
-    sample_json,
-    sample_key,
-)
+from data_prep.shard_task import write_shard
+from data_prep.shard_writer import archive_bytes, sample_bytes, sample_json
 
 DEFAULT_SHARD_SIZE = 256 * 10**6
 DEFAULT_SEED = 1234
@@ -75,10 +80,12 @@ def prep(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     address: str | None = None,
     progress: Progress | None = None,
+    s3_endpoint: str | None = None,
 ) -> Manifest:
     """Prepare `src` into shards and a manifest at `dst`; returns the manifest written.
 
     `shard_size` (bytes, default 256 MB) and `num_shards` (per split) are exclusive.
+    `s3_endpoint` overrides AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for an `s3://` DST.
     """
     splits = (
         dict(splits) if splits is not None else split_plan.parse_splits(split_plan.DEFAULT_SPLITS)
@@ -95,24 +102,31 @@ def prep(
     if shard_size is None and num_shards is None:
         shard_size = DEFAULT_SHARD_SIZE
     progress = progress or Progress()
+    s3.set_endpoint(s3_endpoint)
 
+    if "://" in src:
+        raise UserError(
+            f"SRC {src} is a URL: prep reads a local or shared-filesystem directory; copy the "
+            "images there first (e.g. `aws s3 sync`)"
+        )
     src = os.path.abspath(os.path.expanduser(src))
     dst = storage.normalize(dst)
     scan = scan_source(src)
     _check_dst(src, dst)
 
     if not scan.candidates:
-        raise UserError(f"{src} has no valid images ({_skip_counts_line(scan.skipped)})")
+        raise UserError(f"{src} has no valid images ({skip_counts_line(scan.skipped)})")
     connect(address)
     images, skipped = _validate(src, scan.candidates, max_pixels, progress)
     skipped = sorted([*scan.skipped, *skipped], key=lambda s: (s.path, s.reason))
     if not images:
-        raise UserError(f"{src} has no valid images ({_skip_counts_line(skipped)})")
+        raise UserError(f"{src} has no valid images ({skip_counts_line(skipped)})")
     _warn_empty_classes(scan.classes, images, progress)
 
     jobs = plan_shards(images, scan.classes, splits, seed, shard_size, num_shards, progress)
-    # From here on the old shards are overwritten; a manifest naming them must not survive.
-    storage.remove(storage.join(dst, MANIFEST_NAME))
+    cleaned = storage.clean_partial_writes(dst)
+    if cleaned:
+        progress.message(f"removed {cleaned} partial write(s) an interrupted run left in {dst}")
     written = _write_shards(src, dst, scan.classes, jobs, progress)
 
     by_name = {shard.name: shard for shard in written}
@@ -128,7 +142,8 @@ def prep(
 
 
 def _check_dst(src: str, dst: str) -> None:
-    """Fail before any work if DST cannot be written or would be scanned as part of SRC."""
+    """Fail before any work if DST cannot be reached or written, or would be scanned as part
+    of SRC."""
     if not storage.is_s3(dst):
         d, s = storage.local_path(dst).resolve(), Path(src).resolve()
         if d == s or s in d.parents:
@@ -136,6 +151,9 @@ def _check_dst(src: str, dst: str) -> None:
                 f"DST {dst} is inside SRC {src}: its files would be read as images on the next "
                 "run; choose a DST outside SRC"
             )
+    # Reading first: an unreachable endpoint, a missing bucket or rejected credentials show
+    # up as one clear error before anything is written.
+    storage.list_dir(dst)
     probe = storage.join(dst, ".metatrainer-prep-write-test")
     storage.write_bytes(probe, b"")
     storage.remove(probe)
@@ -202,20 +220,6 @@ def _sample_cost(image: ValidImage, classes: list[str]) -> int:
     return sample_bytes(image.size, image.class_index, len(meta))
 
 
-def write_shard(src: str, url: str, images: list[ValidImage], classes: list[str]) -> Shard:
-    """Write one shard atomically from the source files; runs as a Ray task."""
-    with storage.open_write(url) as f, ShardWriter(f) as shard:
-        for image in images:
-            path = os.path.join(src, image.relpath)
-            data = read_regular_file(path)
-            if isinstance(data, str) or len(data) != image.size:
-                why = data if isinstance(data, str) else "its size changed"
-                raise UserError(f"{path} changed while prep was running ({why}); run prep again")
-            meta = sample_json(image.relpath, classes[image.class_index], image.width, image.height)
-            shard.write_sample(sample_key(image.relpath), image.ext, data, image.class_index, meta)
-    return Shard(url.rsplit("/", 1)[-1], shard.num_samples, shard.size, shard.sha256)
-
-
 def _write_shards(
     src: str, dst: str, classes: list[str], plan: dict[str, list[ShardJob]], progress: Progress
 ) -> list[Shard]:
@@ -226,13 +230,19 @@ def _write_shards(
         node = ray.get_runtime_context().get_node_id()
         strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     task = ray.remote(num_cpus=1, scheduling_strategy=strategy)(write_shard)
-    refs = [task.remote(src, storage.join(dst, job.name), job.images, classes) for job in jobs]
+    endpoint = s3.endpoint() if storage.is_s3(dst) else None
+    refs = [
+        task.remote(src, storage.join(dst, job.name), job.images, classes, endpoint) for job in jobs
+    ]
     total = sum(len(job.images) for job in jobs)
     progress.start(f"writing {len(jobs)} shards", total, "images")
-    shards = _gather(refs, [len(job.images) for job in jobs], progress)
+    results = _gather(refs, [len(job.images) for job in jobs], progress)
     seconds = progress.finish()
+    shards = [shard for shard, _ in results]
+    kept = sum(1 for _, k in results if k)
     mb = sum(s.bytes for s in shards) / 1e6
-    progress.message(f"wrote {len(jobs)} shards, {mb:,.1f} MB in {seconds:.1f} s")
+    note = f" ({kept} were already there from an earlier run and kept)" if kept else ""
+    progress.message(f"wrote {len(jobs)} shards{note}, {mb:,.1f} MB in {seconds:.1f} s")
     return shards
 
 
@@ -278,58 +288,3 @@ def _remove_stale_shards(dst: str, keep: set[str]) -> None:
     for name in storage.list_dir(dst):
         if split_plan.SHARD_NAME.fullmatch(name) and name not in keep:
             storage.remove(storage.join(dst, name))
-
-
-def skip_reason_kind(reason: str) -> str:
-    """The reason without its per-file details, for counting: `corrupt image (...)` → kind."""
-    return reason.split(" (", 1)[0]
-
-
-def _skip_counts_line(skipped: list[Skipped]) -> str:
-    counts = Counter(skip_reason_kind(s.reason) for s in skipped)
-    if not counts:
-        return "no files with an image extension were found"
-    parts = [f"{n} {kind}" for kind, n in counts.most_common(3)]
-    more = f", {len(counts) - 3} more kinds" if len(counts) > 3 else ""
-    return f"{len(skipped)} files skipped: " + "; ".join(parts) + more
-
-
-def summary(manifest: Manifest, dst: str, show_skipped: int = 5) -> str:
-    """The table printed at the end of `metatrainer prep`."""
-    rows = [("split", "images", "shards", "MB")]
-    for name, shards in manifest.splits.items():
-        mb = sum(s.bytes for s in shards) / 1e6
-        rows.append(
-            (name, f"{sum(s.num_samples for s in shards):,}", str(len(shards)), f"{mb:,.1f}")
-        )
-    all_shards = [s for shards in manifest.splits.values() for s in shards]
-    total_mb = sum(s.bytes for s in all_shards) / 1e6
-    total_images = sum(s.num_samples for s in all_shards)
-    rows.append(("total", f"{total_images:,}", str(len(all_shards)), f"{total_mb:,.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    # The split name is left-aligned, the numbers right-aligned.
-    lines = [
-        "  ".join(
-            [r[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))]
-        )
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append(f"classes: {len(manifest.classes)}")
-    if manifest.skipped:
-        lines.append(f"skipped: {len(manifest.skipped):,} files")
-        counts = Counter(skip_reason_kind(s.reason) for s in manifest.skipped)
-        width = len(f"{counts.most_common(1)[0][1]:,}")
-        lines += [f"  {n:>{width},}  {kind}" for kind, n in counts.most_common()]
-        lines.append("first skipped:")
-        lines += [f"  {_printable(s.path)}: {s.reason}" for s in manifest.skipped[:show_skipped]]
-    else:
-        lines.append("skipped: none")
-    lines.append(f"manifest: {storage.join(dst, MANIFEST_NAME)}")
-    return "\n".join(lines)
-
-
-def _printable(text: str) -> str:
-    """Keep a path on one line: a newline in a file name would break the table."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -16,8 +17,10 @@ import webdataset as wds
 from cluster.cli import main
 from cluster.errors import UserError
 from data_prep.manifest import Manifest, read_manifest
-from data_prep.prep import prep, write_shard
+from data_prep.prep import prep
+from data_prep.progress import Progress
 from data_prep.scan import ValidImage
+from data_prep.shard_task import write_shard
 
 
 def read_shard(path: Path) -> list[dict]:
@@ -223,8 +226,40 @@ def test_a_source_file_changed_before_writing_is_an_error(small_digits: Path, tm
     image = ValidImage(str(rel), 0, "jpg", 32, 32, size)
     out = tmp_path / "out"
     url = str(out / "train-000000.tar")
-    assert write_shard(str(small_digits), url, [image], ["0"]).num_samples == 1
+    assert write_shard(str(small_digits), url, [image], ["0"])[0].num_samples == 1
     (small_digits / rel).write_bytes(b"\xff\xd8 shorter now")
     with pytest.raises(UserError, match="changed while prep was running"):
         write_shard(str(small_digits), str(out / "val-000000.tar"), [image], ["0"])
     assert [p.name for p in out.iterdir()] == ["train-000000.tar"]  # no temporary left
+
+
+def test_a_rerun_keeps_the_shards_that_are_already_there(
+    ray_cluster, digits_dir: Path, tmp_path: Path
+) -> None:
+    prep(str(digits_dir), str(tmp_path), num_shards=3, progress=Progress(enabled=False))
+    inodes = {p.name: p.stat().st_ino for p in tmp_path.glob("*.tar")}
+    log = io.StringIO()
+    prep(str(digits_dir), str(tmp_path), num_shards=3, progress=Progress(stream=log))
+    assert "9 were already there from an earlier run and kept" in log.getvalue()
+    assert {p.name: p.stat().st_ino for p in tmp_path.glob("*.tar")} == inodes
+
+
+def test_the_old_manifest_goes_just_before_a_shard_it_names_changes(
+    digits_dir: Path, tmp_path: Path
+) -> None:
+    paths = sorted(digits_dir.glob("*/*.jpg"))[:3]
+    images = [
+        ValidImage(str(p.relative_to(digits_dir)), 0, "jpg", 32, 32, p.stat().st_size)
+        for p in paths
+    ]
+    url = str(tmp_path / "train-000000.tar")
+    old_manifest = tmp_path / "manifest.json"
+    assert write_shard(str(digits_dir), url, images[:2], ["0"])[1] is False
+    old_manifest.write_text("{}")
+    # The same bytes again: nothing is replaced, so the old manifest stays valid and readable.
+    assert write_shard(str(digits_dir), url, images[:2], ["0"])[1] is True
+    assert old_manifest.exists()
+    # Different bytes under the same name: the manifest naming the old ones goes first.
+    shard, kept = write_shard(str(digits_dir), url, images, ["0"])
+    assert not kept and shard.num_samples == 3 and not old_manifest.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
