@@ -90,7 +90,7 @@ def main() -> None:
     if rows:
         print(f"{'mean':<26} {sum(r[1] for r in rows) / len(rows):>19.1f} "
               f"{sum(r[2] for r in rows) / len(rows):>13.1f}")  # fmt: skip
-    print(f"(checkpoint every {args.checkpoint_every_steps} steps: at most that many redone)")
+    print(f"(checkpoint every {args.checkpoint_every_steps} steps)")
 
 
 if __name__ == "__main__":
