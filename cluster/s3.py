@@ -72,7 +72,7 @@ def client():
         # Ray workers log at INFO; botocore's "Found credentials in ..." lines are noise there.
         logging.getLogger("botocore").setLevel(logging.WARNING)
         config = Config(
-            retries={"mode": "adaptive", "max_attempts": ATTEMPTS},
+            retries={"mode": "adaptive", "total_max_attempts": ATTEMPTS},
             connect_timeout=10,
             read_timeout=60,
             max_pool_connections=32,
@@ -114,7 +114,10 @@ def user_error(e: Exception, url: str) -> UserError:
         if code == "NoSuchBucket":
             return UserError(f"bucket {bucket} does not exist at {where}: create it or fix the URL")
         if code in ("AccessDenied", "403", "AllAccessDisabled"):
-            return UserError(f"access denied to {url} at {where}: check the role's permissions")
+            return UserError(
+                f"access denied to {url} at {where}: check the credentials (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions"
+            )
         if code in ("NoSuchKey", "404", "NotFound"):
             return UserError(f"{url} does not exist")
         return UserError(f"S3 error {code} for {url} at {where}")
@@ -284,7 +287,10 @@ def abort_uploads(url: str) -> int:
     prefix = key.rstrip("/") + "/" if key else ""
 
     def op() -> int:
-        uploads = client().list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+        pages = (
+            client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        uploads = [u for page in pages for u in page.get("Uploads", [])]
         for u in uploads:
             client().abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
         return len(uploads)
@@ -345,10 +351,11 @@ class StreamReader(io.RawIOBase):
     def readinto(self, b) -> int:
         if not self._buffer:
             item = self._chunks.get()
+            if isinstance(item, Exception) or not item:
+                self._chunks.put(item)  # the fetcher is done: hand EOF or the error on
             if isinstance(item, Exception):
                 raise item
             if not item:
-                self._chunks.put(b"")  # keep signalling EOF to later reads
                 return 0
             self._buffer = memoryview(item)
         n = min(len(b), len(self._buffer))

@@ -32,6 +32,8 @@ def is_s3(url: str) -> bool:
 
 
 def _local(url: str) -> Path:
+    if url.startswith("s3:"):
+        s3.split(url)  # s3:/x or s3:bucket/x: say how to write it, never make a ./s3: folder
     if "://" in url:
         raise UserError(f"{url}: unsupported URL scheme; use a local path or s3://bucket/prefix")
     return Path(url).expanduser()
