@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
 from cluster.world import World
 from data_prep.manifest import read_manifest
-from data_prep.prep import prep
 from training.data import EvalBatches, TrainBatches, build_loader, decode_image, read_samples
-
-
-@pytest.fixture(scope="module")
-def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
-    """The digits in 3 shards per split: uneven for 2 ranks."""
-    dst = str(tmp_path_factory.mktemp("shards3"))
-    prep(str(digits_dir), dst, num_shards=3)
-    return dst
 
 
 def train_batches(shards: str, rank: int, world_size: int, batch_size: int = 16, **kw):

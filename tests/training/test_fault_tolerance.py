@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.prep import prep
 from training.checkpoint import load_state
 from training.config import TrainConfig
 from training.driver import run_training
@@ -30,32 +29,22 @@ EPOCHS, BATCH, WORKERS = 2, 8, 2
 
 
 @pytest.fixture(scope="module")
-def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
-    dst = str(tmp_path_factory.mktemp("ft-shards"))
-    prep(str(digits_dir), dst, num_shards=3)
-    return dst
+def config(small_config):
+    def make(shards: str, root: Path, name: str, **overrides) -> TrainConfig:
+        values = dict(
+            name=name,
+            batch_size=BATCH,
+            epochs=EPOCHS,
+            workers=WORKERS,
+            max_failures=6,
+            checkpoint_every_steps=4,
+            keep_checkpoints=3,
+            shuffle_block=128,
+            sample_log=str(root / "log" / name),
+        )
+        return small_config(shards, root / "runs", **{**values, **overrides})
 
-
-def config(shards: str, root: Path, name: str, **overrides) -> TrainConfig:
-    values = dict(
-        data=[shards],
-        storage=str(root / "runs"),
-        name=name,
-        weights="none",
-        image_size=32,
-        batch_size=BATCH,
-        epochs=EPOCHS,
-        augment=False,
-        workers=WORKERS,
-        loader_workers=1,
-        max_failures=6,
-        metrics_port=0,
-        checkpoint_every_steps=4,
-        keep_checkpoints=3,
-        shuffle_block=128,
-        sample_log=str(root / "log" / name),
-    )
-    return TrainConfig(**{**values, **overrides})
+    return make
 
 
 def trained_history(log_dir: str) -> dict[tuple, list[str]]:
@@ -78,7 +67,7 @@ def assert_exactly_once(history: dict[tuple, list[str]], reference: dict[tuple, 
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
+def reference(shards, config, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     outcome = run_training(config(shards, root, "reference"))
     result = json.loads(Path(outcome.result_file).read_text())
@@ -118,7 +107,7 @@ def wait_for(log: Path, offset: int, target: tuple[int, int], deadline: float, a
         time.sleep(0.05)
 
 
-def test_killed_workers_change_nothing(shards, reference, tmp_path):
+def test_killed_workers_change_nothing(shards, config, reference, tmp_path):
     result, ref_history, _ = reference
     cfg = config(shards, tmp_path, "chaos")
     outcome: dict = {}
@@ -149,7 +138,7 @@ def test_killed_workers_change_nothing(shards, reference, tmp_path):
     assert_exactly_once(trained_history(cfg.sample_log), ref_history)
 
 
-def test_killed_driver_and_rerun_change_nothing(shards, reference, ray_cluster, tmp_path):
+def test_killed_driver_and_rerun_change_nothing(shards, config, reference, ray_cluster, tmp_path):
     result, ref_history, _ = reference
     cfg = config(shards, tmp_path, "driver-kill")
     address = ray_cluster.get_runtime_context().gcs_address
@@ -180,7 +169,7 @@ def test_killed_driver_and_rerun_change_nothing(shards, reference, ray_cluster, 
     assert_exactly_once(trained_history(cfg.sample_log), ref_history)
 
 
-def test_corrupted_latest_checkpoint_is_skipped(shards, reference, tmp_path, capfd):
+def test_corrupted_latest_checkpoint_is_skipped(shards, config, reference, tmp_path, capfd):
     result, ref_history, _ = reference
     first = run_training(config(shards, tmp_path, "corrupt", epochs=1))
     latest = Path(first.checkpoint) / "state.pt"
@@ -194,7 +183,7 @@ def test_corrupted_latest_checkpoint_is_skipped(shards, reference, tmp_path, cap
     assert_exactly_once(trained_history(str(tmp_path / "log" / "corrupt")), ref_history)
 
 
-def test_two_workers_equal_one_worker_with_twice_the_batch(shards, reference, tmp_path):
+def test_two_workers_equal_one_worker_with_twice_the_batch(shards, config, reference, tmp_path):
     _, _, two = reference
     one = run_training(
         config(shards, tmp_path, "one-worker", workers=1, batch_size=2 * BATCH, sample_log=None)

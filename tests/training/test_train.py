@@ -13,18 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.cli import main
-from data_prep.prep import prep
-from training.config import TrainConfig
 from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
-
-
-@pytest.fixture(scope="module")
-def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
-    # 3 shards per split for 2 workers: the uneven case that hangs a shard-per-rank split.
-    dst = str(tmp_path_factory.mktemp("train-shards"))
-    prep(str(digits_dir), dst, num_shards=3)
-    return dst
 
 
 def free_port_range(n: int) -> int:
@@ -62,27 +52,15 @@ def samples_trained(port: int) -> float | None:
     return sum(total) if total else None
 
 
-def config(shards: str, storage: Path, **overrides) -> TrainConfig:
-    values = dict(
-        data=[shards],
-        storage=str(storage),
-        name="digits",
-        weights="none",
-        image_size=32,
-        batch_size=8,
-        epochs=3,
-        augment=False,
-        workers=2,
-        loader_workers=1,
-        max_failures=0,
-        metrics_port=0,
-    )
-    return TrainConfig(**{**values, **overrides})
-
-
-def test_training_learns_serves_metrics_and_resumes(shards, tmp_path, capfd):
+def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_path, capfd):
     port = free_port_range(2)
-    cfg = config(shards, tmp_path, metrics_port=port)
+
+    def config(**overrides):
+        return small_config(
+            shards, tmp_path, **{"name": "digits", "batch_size": 8, "epochs": 3, **overrides}
+        )
+
+    cfg = config(metrics_port=port)
     outcome: dict = {}
     worker = threading.Thread(target=lambda: outcome.update(first=run_training(cfg)))
     worker.start()
@@ -110,7 +88,7 @@ def test_training_learns_serves_metrics_and_resumes(shards, tmp_path, capfd):
 
     # The same name again with more epochs resumes after the latest checkpoint.
     capfd.readouterr()
-    second = run_training(config(shards, tmp_path, epochs=4))
+    second = run_training(config(epochs=4))
     out = capfd.readouterr().out
     assert "resuming digits at epoch 4" in out
     assert "epoch 1/4" not in out

@@ -15,28 +15,13 @@ from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
 
 
-def config(data: str, runs: str, endpoint: str, **overrides) -> TrainConfig:
-    values = dict(
-        data=[data],
-        storage=runs,
-        name="digits-s3",
-        weights="none",
-        image_size=32,
-        batch_size=16,
-        epochs=2,
-        augment=False,
-        workers=2,
-        loader_workers=1,
-        max_failures=0,
-        metrics_port=0,
-        s3_endpoint=endpoint,
-    )
-    return TrainConfig(**{**values, **overrides})
-
-
 def test_prep_train_checkpoint_resume_evaluate_on_s3(
-    ray_cluster, digits_dir: Path, s3, bucket: str, fault_proxy, tmp_path
+    ray_cluster, digits_dir: Path, s3, bucket: str, fault_proxy, small_config, tmp_path
 ):
+    def config(data: str, runs: str, endpoint: str, **overrides) -> TrainConfig:
+        values = {"name": "digits-s3", "batch_size": 16, "epochs": 2, "s3_endpoint": endpoint}
+        return small_config(data, runs, **{**values, **overrides})
+
     data, runs = f"{bucket}/datasets/digits", f"{bucket}/runs"
     prep(str(digits_dir), data, num_shards=3)
     cache = tmp_path / "cache"

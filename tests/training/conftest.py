@@ -1,0 +1,40 @@
+"""Training fixtures: the sample digits as shards, and a small, fast training config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from data_prep.prep import prep
+from training.config import TrainConfig
+
+
+@pytest.fixture(scope="session")
+def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
+    """600 digits in 3 shards per split: uneven for 2 ranks (a shard-per-rank split hangs)."""
+    dst = str(tmp_path_factory.mktemp("digit-shards"))
+    prep(str(digits_dir), dst, num_shards=3)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_config() -> Callable[..., TrainConfig]:
+    """TrainConfig(data=[data], storage=...) at 32 px on 2 CPU workers; overrides win."""
+
+    def make(data: str, storage: str | Path, **overrides) -> TrainConfig:
+        values = dict(
+            data=[data],
+            storage=str(storage),
+            weights="none",
+            image_size=32,
+            augment=False,
+            workers=2,
+            loader_workers=1,
+            max_failures=0,
+            metrics_port=0,
+        )
+        return TrainConfig(**{**values, **overrides})
+
+    return make
