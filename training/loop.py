@@ -58,6 +58,15 @@ class Position:
     """Sums of loss, cross-entropy and penalty over this epoch's steps (rank-local)."""
     history: list[dict] = field(default_factory=list)
 
+    def advance(self, samples: int, losses: list[float]) -> None:
+        self.step += 1
+        self.epoch_steps += 1
+        self.consumed += samples
+        self.totals = [a + v for a, v in zip(self.totals, losses, strict=True)]
+
+    def next_epoch(self, record: dict) -> Position:
+        return Position(self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record])
+
 
 def dataset_label(location: str) -> str:
     return location.rstrip("/").rsplit("/", 1)[-1] or location
@@ -116,6 +125,11 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     log = _sample_log(cfg, world)
     stride = cfg.batch_size * world.world_size
 
+    def checkpoint(record: dict) -> None:
+        _report(
+            record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha), world
+        )
+
     while pos.epoch < cfg.epochs:
         metrics.epoch(pos.epoch)
         model.train()
@@ -145,12 +159,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 for d, x in enumerate(batch):
                     log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{' '.join(x[2])}\n")
                 log.flush()
-            pos.step, pos.epoch_steps, pos.consumed = (
-                pos.step + 1,
-                pos.epoch_steps + 1,
-                pos.consumed + stride,
-            )
-            pos.totals = [a + v for a, v in zip(pos.totals, values, strict=True)]
+            pos.advance(stride, values)
             done = time.perf_counter()
             metrics.step(
                 {n: len(y) for n, y in zip(names, targets, strict=True)},
@@ -161,12 +170,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             tick = done
             every = cfg.checkpoint_every_steps
             if every and pos.step % every == 0 and i < steps - 1:
-                record = {"epoch": pos.epoch, "step": pos.step}
-                _report(
-                    record,
-                    _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha),
-                    world,
-                )
+                checkpoint({"epoch": pos.epoch, "step": pos.step})
         del loaders
         scheduler.step()
         seconds = time.perf_counter() - started
@@ -185,8 +189,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             "samples_per_second": steps * stride * len(train_sets) / seconds,
             "epoch_seconds": seconds,
         }
-        pos.history.append(dict(record))
-        pos = Position(pos.epoch + 1, 0, pos.step, 0, [0.0, 0.0, 0.0], pos.history)
+        pos = pos.next_epoch(dict(record))
         if pos.epoch == cfg.epochs:
             # The last report carries the final results: Ray keeps a run's metrics with its
             # latest checkpoint, so a resumed-but-finished run still finds them there.
@@ -205,9 +208,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 f"{record['cross_entropy']:.4f}, penalty {record['meta_penalty']:.2e})  val_acc "
                 f"{_fmt(record['val_accuracy'])}  {record['samples_per_second']:.0f} img/s"
             )
-        _report(
-            record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha), world
-        )
+        checkpoint(record)
 
 
 def _state(cfg, model, optimizer, scheduler, pos: Position, manifests, backbone_sha) -> dict:
