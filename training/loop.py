@@ -10,6 +10,7 @@ rank 0 attaches the checkpoint files.
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 import tempfile
 import time
@@ -78,7 +79,18 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
+def quiet_ray_reports() -> None:
+    """Ray Train 2.60 logs every report at INFO through a logger named by its file path, not
+    under `ray.train`, so RunConfig's LoggingConfig cannot quiet it; our epoch line says it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
+    quiet_ray_reports()
     cfg = TrainConfig.from_dict(config)
     # This process's environment was fixed when its node started: take the driver's endpoint.
     s3.set_endpoint(cfg.s3_endpoint)
