@@ -35,7 +35,8 @@ from webdataset.gopen import gopen_schemes
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from data_prep.manifest import Shard
+from data_prep.manifest import Manifest, Shard
+from training.config import TrainConfig
 from training.shard_cache import ShardCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -167,6 +168,24 @@ class _Batches(IterableDataset):
         self.total = sum(s.num_samples for s in shards)
         self.epoch = 0
 
+    @classmethod
+    def from_config(
+        cls, dataset: str, manifest: Manifest, split: str, cfg: TrainConfig, world: World, **kw
+    ):
+        """The batches of `split` for this rank, with the settings of a training config."""
+        return cls(
+            dataset,
+            manifest.shards(split),
+            world,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            num_classes=len(manifest.classes),
+            cache_dir=cfg.cache_dir,
+            cache_size=cfg.cache_size,
+            **kw,
+        )
+
     def _reader_world(self) -> World:
         info = get_worker_info()
         return self.world.with_loader_worker(info.id, info.num_workers) if info else self.world
@@ -230,13 +249,13 @@ class TrainBatches(_Batches):
             mine = t < steps and world.rank * b <= offset < (world.rank + 1) * b
             return t if mine and world.owns_batch(t) else None
 
-        pending = iter([t for t in range(steps) if world.owns_batch(t)])
-        t = next(pending, None)
-        if t is None:
+        owned = [t for t in range(steps) if world.owns_batch(t)]
+        if not owned:
             return
-        first = start(t) // self.block * self.block
-        last_step = steps - 1 - next(i for i in range(steps) if world.owns_batch(steps - 1 - i))
-        stop = min(self.total, -(-(start(last_step) + b) // self.block) * self.block)
+        first = start(owned[0]) // self.block * self.block
+        stop = min(self.total, -(-(start(owned[-1]) + b) // self.block) * self.block)
+        pending = iter(owned)
+        t = next(pending)
         wanted: dict[int, int] = {}  # stream index → output position, in the current block
         held: dict[int, RawSample] = {}  # output position → sample
         order = epoch_shard_order(self.shards, self.seed, self.epoch, shuffle=True)

@@ -11,27 +11,11 @@ import torch
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from data_prep.manifest import Manifest, read_manifest
+from data_prep.manifest import read_manifest
 from training.checkpoint import find_checkpoint, load_state
 from training.config import TrainConfig
 from training.data import EvalBatches, build_loader
 from training.model import MetaModel, build_model
-
-
-def eval_batches(
-    dataset: str, manifest: Manifest, split: str, cfg: TrainConfig, world: World
-) -> EvalBatches:
-    return EvalBatches(
-        dataset,
-        manifest.shards(split),
-        world,
-        batch_size=cfg.batch_size,
-        image_size=cfg.image_size,
-        seed=cfg.seed,
-        num_classes=len(manifest.classes),
-        cache_dir=cfg.cache_dir,
-        cache_size=cfg.cache_size,
-    )
 
 
 @torch.no_grad()
@@ -76,7 +60,7 @@ def evaluate_checkpoint(
     model.to(device)
     results = []
     for i, (d, m) in enumerate(zip(data, manifests, strict=True)):
-        batches = eval_batches(d, m, split, cfg, World())
+        batches = EvalBatches.from_config(d, m, split, cfg, World())
         correct, total = count_correct(model, i, batches, device, loader_workers)
         results.append((d, correct / max(total, 1), total))
     return results

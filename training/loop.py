@@ -23,14 +23,13 @@ import torch
 import torch.distributed as dist
 
 from cluster import s3
-from cluster.errors import UserError
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.manifest import Manifest, read_manifest
 from training.checkpoint import rng_state, save_state, set_rng_state
 from training.config import TrainConfig
-from training.data import TrainBatches, build_loader
-from training.evaluate import count_correct, eval_batches
+from training.data import EvalBatches, TrainBatches, build_loader
+from training.evaluate import count_correct
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
 from training.resume import check_resumable, restore_state
@@ -132,15 +131,27 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     urls = _gather(metrics.url, world)
     names = [dataset_label(d) for d in cfg.data]
     train_sets = [
-        _train_batches(d, m, cfg, world) for d, m in zip(cfg.data, manifests, strict=True)
+        TrainBatches.from_config(
+            d,
+            m,
+            "train",
+            cfg,
+            world,
+            augment=cfg.augment,
+            with_keys=cfg.sample_log is not None,
+            shuffle_block=cfg.shuffle_block,
+        )
+        for d, m in zip(cfg.data, manifests, strict=True)
     ]
     log = _sample_log(cfg, world)
     stride = cfg.batch_size * world.world_size
 
     def checkpoint(record: dict) -> None:
-        _report(
-            record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha), world
-        )
+        """Every rank reports (it is a barrier); only rank 0 writes and attaches the files."""
+        if not world.is_main:
+            ray.train.report(record)
+            return
+        _report(record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha))
 
     while pos.epoch < cfg.epochs:
         metrics.epoch(pos.epoch)
@@ -148,11 +159,6 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         for batches in train_sets:
             batches.set_position(pos.epoch, pos.consumed)
         steps = min(len(b) for b in train_sets)
-        if steps == 0 and pos.consumed == 0:
-            raise UserError(
-                f"a train split is too small for {world.world_size} workers × batch "
-                f"{cfg.batch_size}; lower --batch-size or --workers"
-            )
         pin = device.type == "cuda"
         loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
         started = tick = time.perf_counter()
@@ -245,25 +251,6 @@ def _state(cfg, model, optimizer, scheduler, pos: Position, manifests, backbone_
     }
 
 
-def _train_batches(
-    dataset: str, manifest: Manifest, cfg: TrainConfig, world: World
-) -> TrainBatches:
-    return TrainBatches(
-        dataset,
-        manifest.shards("train"),
-        world,
-        batch_size=cfg.batch_size,
-        image_size=cfg.image_size,
-        augment=cfg.augment,
-        seed=cfg.seed,
-        num_classes=len(manifest.classes),
-        cache_dir=cfg.cache_dir,
-        cache_size=cfg.cache_size,
-        with_keys=cfg.sample_log is not None,
-        shuffle_block=cfg.shuffle_block,
-    )
-
-
 def _sample_log(cfg: TrainConfig, world: World):
     if not cfg.sample_log:
         return None
@@ -283,7 +270,7 @@ def _accuracy(
     counts = torch.zeros(len(manifests), 2, dtype=torch.float64)
     for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True)):
         if split in m.splits and m.num_samples(split):
-            batches = eval_batches(d, m, split, cfg, world)
+            batches = EvalBatches.from_config(d, m, split, cfg, world)
             counts[i] = torch.tensor(count_correct(model, i, batches, device, cfg.loader_workers))
     if dist.is_available() and dist.is_initialized():
         counts = counts.to(device)
@@ -309,11 +296,8 @@ def _gather(url: str | None, world: World) -> list[str | None]:
     return urls
 
 
-def _report(metrics: dict, state: dict, world: World) -> None:
-    """Every rank reports (it is a barrier); only rank 0 writes and passes the checkpoint."""
-    if not world.is_main:
-        ray.train.report(metrics)
-        return
+def _report(metrics: dict, state: dict) -> None:
+    """Rank 0: write the state to a temporary directory and report it as the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         save_state(tmp, state)
         ray.train.report(

@@ -19,6 +19,10 @@ from cluster.errors import UserError
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-thisIsTheSecret"
 
+# Reading, writing and listing each reach S3 by a different request: each must name the fault.
+OPERATIONS = [storage.read_bytes, lambda url: storage.write_bytes(url, b"x"), storage.list_dir]
+OPERATION_IDS = ["read_bytes", "write_bytes", "list_dir"]
+
 
 def payload(n: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(n)
@@ -242,11 +246,7 @@ def wrong_credentials(s3, s3_auth_server, monkeypatch) -> str:
     return "s3://some-bucket/run/manifest.json"
 
 
-@pytest.mark.parametrize(
-    "operation",
-    [storage.read_bytes, lambda url: storage.write_bytes(url, b"x"), storage.list_dir],
-    ids=["read_bytes", "write_bytes", "list_dir"],
-)
+@pytest.mark.parametrize("operation", OPERATIONS, ids=OPERATION_IDS)
 def test_wrong_credentials_are_named(wrong_credentials, operation):
     with pytest.raises(UserError) as excinfo:
         operation(wrong_credentials)
@@ -285,11 +285,7 @@ def test_missing_credentials_are_named(bucket, monkeypatch, tmp_path):
     assert "AWS_ACCESS_KEY_ID" in message
 
 
-@pytest.mark.parametrize(
-    "operation",
-    [storage.read_bytes, lambda url: storage.write_bytes(url, b"x"), storage.list_dir],
-    ids=["read_bytes", "write_bytes", "list_dir"],
-)
+@pytest.mark.parametrize("operation", OPERATIONS, ids=OPERATION_IDS)
 def test_missing_bucket_is_named(s3, operation):
     with pytest.raises(UserError) as excinfo:
         operation("s3://no-such-bucket-here/run/x")
