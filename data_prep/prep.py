@@ -47,7 +47,17 @@ from cluster import s3, storage
 from cluster.errors import UserError
 from cluster.ray_cluster import connect
 from data_prep import splits as split_plan
-from data_prep.manifest import Manifest, Shard, Skipped, write_manifest
+from data_prep.contract import (
+    SHARD_NAME,
+    Manifest,
+    Shard,
+    Skipped,
+    archive_bytes,
+    sample_bytes,
+    sample_json,
+    shard_name,
+    write_manifest,
+)
 from data_prep.progress import Progress
 from data_prep.report import skip_counts_line
 from data_prep.scan import (
@@ -58,7 +68,6 @@ from data_prep.scan import (
     validate_files,
 )
 from data_prep.shard_task import write_shard
-from data_prep.shard_writer import archive_bytes, sample_bytes, sample_json
 
 DEFAULT_SHARD_SIZE = 256 * 10**6
 DEFAULT_SEED = 1234
@@ -209,8 +218,7 @@ def plan_shards(
         if progress and not ordered:
             progress.message(f"warning: split {name!r} got no images")
         plan[name] = [
-            ShardJob(split_plan.shard_name(name, i), ordered[r.start : r.stop])
-            for i, r in enumerate(ranges)
+            ShardJob(shard_name(name, i), ordered[r.start : r.stop]) for i, r in enumerate(ranges)
         ]
     return plan
 
@@ -286,5 +294,5 @@ def _warn_empty_classes(classes: list[str], images: list[ValidImage], progress: 
 
 def _remove_stale_shards(dst: str, keep: set[str]) -> None:
     for name in storage.list_dir(dst):
-        if split_plan.SHARD_NAME.fullmatch(name) and name not in keep:
+        if SHARD_NAME.fullmatch(name) and name not in keep:
             storage.remove(storage.join(dst, name))

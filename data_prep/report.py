@@ -33,7 +33,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from cluster import storage
-from data_prep.manifest import MANIFEST_NAME, Manifest, Skipped
+from data_prep.contract import MANIFEST_NAME, Manifest, Skipped
 from data_prep.progress import Progress
 
 JOB = "metatrainer_prep"

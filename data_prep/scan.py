@@ -24,7 +24,7 @@ from functools import cache
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from cluster.errors import UserError
-from data_prep.manifest import Skipped
+from data_prep.contract import Skipped
 
 # Pillow's own default; --max-pixels replaces it.
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from cluster import s3, storage
 from cluster.errors import UserError
-from data_prep.manifest import MANIFEST_NAME, Shard
+from data_prep.contract import MANIFEST_NAME, Shard, sample_json, sample_key
 from data_prep.scan import ValidImage, read_regular_file
-from data_prep.shard_writer import ShardWriter, sample_json, sample_key
+from data_prep.shard_writer import ShardWriter
 
 
 def write_shard(
@@ -53,7 +53,8 @@ def write_shard(
             storage.put_file(tmp, url, shard.sha256)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return Shard(url.rsplit("/", 1)[-1], shard.num_samples, shard.size, shard.sha256), kept
+    name = url.rsplit("/", 1)[-1]
+    return Shard(name, shard.num_samples, shard.size, shard.sha256, shard.index), kept
 
 
 def _write_sample(shard: ShardWriter, src: str, image: ValidImage, classes: list[str]) -> None:

@@ -1,52 +1,23 @@
-"""`ShardWriter`: byte-deterministic WebDataset tar files.
+"""`ShardWriter`: byte-deterministic WebDataset tar files in the layout of `data_prep.contract`.
 
-A sample is three members in this order: `<key>.<ext>` (the source image bytes, never
-re-encoded), `<key>.cls` (the class index as ASCII digits) and `<key>.json` (source path, class
-name, width, height). Every header field that could vary between runs or machines (mtime,
-owner, mode) is fixed, so the same samples always give the same bytes and the same sha256.
+Every header field that could vary between runs or machines (mtime, owner, mode) is fixed, so
+the same samples always give the same bytes and the same sha256. The writer records each
+sample's size for the manifest's index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from types import TracebackType
 from typing import BinaryIO
 
-BLOCK = tarfile.BLOCKSIZE
-RECORD = tarfile.RECORDSIZE
+from data_prep.contract import META_SUFFIXES, encode_index
 
 # ustar: the oldest format every tar reader knows. Our member names are short ASCII
 # (`<24 hex>.<ext>`), so no pax or GNU extension headers are ever needed.
 _FORMAT = tarfile.USTAR_FORMAT
-
-
-def sample_key(relpath: str) -> str:
-    """A stable, dot-free id: webdataset splits a member name at the first dot of its basename."""
-    return hashlib.sha256(relpath.encode()).hexdigest()[:24]
-
-
-def sample_json(relpath: str, class_name: str, width: int, height: int) -> bytes:
-    doc = {"path": relpath, "class": class_name, "width": width, "height": height}
-    return json.dumps(doc, ensure_ascii=False).encode()
-
-
-def member_bytes(size: int) -> int:
-    """Bytes one member of `size` bytes takes in the tar: a header block plus padded data."""
-    return BLOCK + -(-size // BLOCK) * BLOCK
-
-
-def sample_bytes(image_size: int, class_index: int, json_size: int) -> int:
-    """Bytes one sample takes in the tar (its three members)."""
-    cls_size = len(str(class_index))
-    return member_bytes(image_size) + member_bytes(cls_size) + member_bytes(json_size)
-
-
-def archive_bytes(members_total: int) -> int:
-    """File size of a tar whose members take `members_total` bytes (end blocks, record pad)."""
-    return -(-(members_total + 2 * BLOCK) // RECORD) * RECORD
 
 
 class _HashingFile:
@@ -78,7 +49,7 @@ class ShardWriter:
     def __init__(self, f: BinaryIO) -> None:
         self._out = _HashingFile(f)
         self._tar = tarfile.open(fileobj=self._out, mode="w", format=_FORMAT)  # type: ignore[call-overload]
-        self.num_samples = 0
+        self.sample_sizes: list[int] = []
         self.size = 0
         self.sha256 = ""
 
@@ -86,10 +57,20 @@ class ShardWriter:
         self, key: str, ext: str, image: bytes, class_index: int, meta_json: bytes
     ) -> None:
         assert "." not in key and "/" not in key, key
+        start = self._out.size
         self._add(f"{key}.{ext}", image)
-        self._add(f"{key}.cls", str(class_index).encode("ascii"))
-        self._add(f"{key}.json", meta_json)
-        self.num_samples += 1
+        cls, meta = META_SUFFIXES
+        self._add(f"{key}.{cls}", str(class_index).encode("ascii"))
+        self._add(f"{key}.{meta}", meta_json)
+        self.sample_sizes.append(self._out.size - start)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_sizes)
+
+    @property
+    def index(self) -> str:
+        return encode_index(self.sample_sizes)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)

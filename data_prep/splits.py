@@ -15,9 +15,8 @@ from cluster.errors import UserError
 
 DEFAULT_SPLITS = "train=0.8,val=0.1,test=0.1"
 
-# Split names become file names (`<split>-000000.tar`) that stale-shard cleanup matches again.
+# Split names become file names (`<split>-000000.tar`, `contract.SHARD_NAME`).
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
-SHARD_NAME = re.compile(r"([A-Za-z0-9_]+)-(\d{6})\.tar")
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 _UNITS = {
@@ -152,7 +151,3 @@ def plan_by_count(num_samples: int, num_shards: int) -> list[range]:
         shards.append(range(start, stop))
         start = stop
     return shards
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"

@@ -16,7 +16,7 @@ import webdataset as wds
 
 from cluster.cli import main
 from cluster.errors import UserError
-from data_prep.manifest import Manifest, read_manifest
+from data_prep.contract import Manifest, read_manifest
 from data_prep.prep import prep
 from data_prep.progress import Progress
 from data_prep.scan import ValidImage

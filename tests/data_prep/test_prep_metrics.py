@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from s3_support import free_port
 
 from cluster.cli import main
-from data_prep.manifest import read_manifest
+from data_prep.contract import read_manifest
 from data_prep.progress import Progress
 from data_prep.report import MetricsPusher, skip_reason_kind
 

@@ -19,7 +19,7 @@ from s3_support import free_port
 
 from cluster import storage
 from cluster.cli import main
-from data_prep.manifest import Manifest, read_manifest
+from data_prep.contract import Manifest, read_manifest
 from data_prep.prep import prep
 from data_prep.progress import Progress
 

@@ -6,13 +6,17 @@ import hashlib
 import io
 import tarfile
 
-from data_prep.shard_writer import (
-    ShardWriter,
+import pytest
+
+from data_prep.contract import (
+    Shard,
     archive_bytes,
+    parse_samples,
     sample_bytes,
     sample_json,
     sample_key,
 )
+from data_prep.shard_writer import ShardWriter
 
 SAMPLES = [
     ("cat/1.jpg", "jpg", b"\xff\xd8" + b"x" * 1000, 0),
@@ -59,3 +63,32 @@ def test_size_is_known_before_writing() -> None:
         for rel, _, image, cls in SAMPLES
     )
     assert archive_bytes(planned) == len(data)
+
+
+def test_index_cuts_any_run_of_samples_out_of_the_shard() -> None:
+    data, shard = _write()
+    entry = Shard("train-000000.tar", shard.num_samples, shard.size, shard.sha256, shard.index)
+    entry.check()
+    offsets = entry.offsets
+    for a in range(3):
+        for b in range(a + 1, 4):
+            got = parse_samples(data[offsets[a] : offsets[b]], b - a, "test")
+            assert [s.key for s in got] == [sample_key(rel) for rel, *_ in SAMPLES[a:b]]
+            assert [s.image for s in got] == [image for _, _, image, _ in SAMPLES[a:b]]
+            assert [s.label for s in got] == [cls for *_, cls in SAMPLES[a:b]]
+
+
+def test_a_hostile_manifest_entry_is_refused() -> None:
+    data, shard = _write()
+    good = dict(name="train-000000.tar", num_samples=3, bytes=shard.size, sha256=shard.sha256)
+    for bad in (
+        {"name": "../x.tar"},
+        {"name": "/abs/train-000000.tar"},
+        {"sha256": "../../etc"},
+        {"index": "not base64!"},
+        {"num_samples": 4},
+        {"bytes": shard.size + 512 * 20},
+    ):
+        entry = Shard(**{**good, "index": shard.index, **bad})
+        with pytest.raises(ValueError):
+            entry.check()

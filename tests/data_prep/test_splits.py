@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from cluster.errors import UserError
-from data_prep.shard_writer import archive_bytes
+from data_prep.contract import archive_bytes
 from data_prep.splits import (
     assign_split,
     parse_size,
