@@ -51,6 +51,15 @@ TRANSIENT = (
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 
 _clients: dict[int, object] = {}
+_client_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _client_lock
+    _client_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def endpoint() -> str | None:
@@ -68,16 +77,21 @@ def set_endpoint(url: str | None) -> None:
 def client():
     """A client for this process (boto3 clients must not cross a fork, so keyed by pid)."""
     pid = os.getpid()
-    if pid not in _clients:
-        # Ray workers log at INFO; botocore's "Found credentials in ..." lines are noise there.
-        logging.getLogger("botocore").setLevel(logging.WARNING)
-        config = Config(
-            retries={"mode": "adaptive", "total_max_attempts": ATTEMPTS},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=32,
-        )
-        _clients[pid] = boto3.session.Session().client("s3", config=config)
+    if pid in _clients:
+        return _clients[pid]
+    # One client per process, even when several reader threads ask at once (clients are
+    # thread-safe; making one costs a session and its service model).
+    with _client_lock:
+        if pid not in _clients:
+            # Ray workers log at INFO; botocore's "Found credentials in ..." is noise there.
+            logging.getLogger("botocore").setLevel(logging.WARNING)
+            config = Config(
+                retries={"mode": "adaptive", "total_max_attempts": ATTEMPTS},
+                connect_timeout=10,
+                read_timeout=60,
+                max_pool_connections=32,
+            )
+            _clients[pid] = boto3.session.Session().client("s3", config=config)
     return _clients[pid]
 
 
@@ -189,6 +203,36 @@ def read_bytes(url: str) -> bytes:
         return data
 
     return retry(op, url)
+
+
+def read_range(url: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of the object: one ranged GET, retried if its body is cut off."""
+    if start == stop:
+        return b""
+    bucket, key = split(url)
+    return retry(lambda: _get_range(bucket, key, url, start, stop), url)
+
+
+def _get_range(bucket: str, key: str, url: str, start: int, stop: int) -> bytes:
+    try:
+        response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+    except bx.ClientError as e:
+        if str(e.response.get("Error", {}).get("Code")) != "InvalidRange":
+            raise
+        raise _shorter(url, stop) from None  # the range starts at or past the object's end
+    data = response["Body"].read()
+    if len(data) != stop - start:
+        if len(data) == response["ContentLength"] < stop - start:  # whole: the object ends early
+            raise _shorter(url, stop)
+        raise bx.IncompleteReadError(actual_bytes=len(data), expected_bytes=stop - start)
+    return data
+
+
+def _shorter(url: str, size: int) -> UserError:
+    return UserError(
+        f"{url} is shorter than expected (under {size} bytes): it changed after prep; "
+        "run prep again"
+    )
 
 
 def upload(fileobj: BinaryIO, url: str, metadata: dict[str, str] | None = None) -> None:
@@ -321,7 +365,7 @@ class StreamReader(io.RawIOBase):
         try:
             while offset < self.size and not self._stop.is_set():
                 end = min(offset + CHUNK, self.size) - 1
-                data = retry(lambda o=offset, e=end: self._get(o, e), self.url)
+                data = self._get(offset, end)
                 offset += len(data)
                 self._put(data)
             self._put(b"")
@@ -329,13 +373,7 @@ class StreamReader(io.RawIOBase):
             self._put(e)
 
     def _get(self, start: int, end: int) -> bytes:
-        response = client().get_object(
-            Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end}"
-        )
-        data = response["Body"].read()
-        if len(data) != end - start + 1:
-            raise bx.IncompleteReadError(actual_bytes=len(data), expected_bytes=end - start + 1)
-        return data
+        return read_range(self.url, start, end + 1)
 
     def _put(self, item) -> None:
         while not self._stop.is_set():

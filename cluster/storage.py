@@ -5,14 +5,21 @@ Every location a user passes (prep's DST, train's --data and --storage, evaluate
 kind of storage. Writes are atomic: a reader sees the old object or the complete new one,
 never half (locally: a temporary name, then rename; on S3: an object appears only whole).
 The S3 details live in `cluster.s3`.
+
+Read log: when METATRAINER_READ_LOG names a directory, every `read_range`, `read_bytes` and
+`open_read` stream appends `url<TAB>bytes` to `<dir>/<pid>.tsv` (a stream logs on close what
+its reader was given, not the object's size), so tests and benchmarks can count the bytes a
+reader pulled, from loader worker processes too; `read_log_totals` sums them by url.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +32,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 SPOOL_BYTES = 16 * 2**20
 """An S3 write is buffered in memory up to this size, then in a temporary file."""
+READ_LOG_VAR = "METATRAINER_READ_LOG"
+"""Environment variable: a directory where every read appends `url<TAB>bytes` (see above)."""
 
 
 def is_s3(url: str) -> bool:
@@ -61,23 +70,135 @@ def exists(url: str) -> bool:
 
 def read_bytes(url: str) -> bytes:
     if is_s3(url):
-        return s3.read_bytes(url)
+        data = s3.read_bytes(url)
+    else:
+        try:
+            data = _local(url).read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"{url} does not exist") from None
+        except OSError as e:
+            raise UserError(f"cannot read {url}: {e.strerror}") from None
+    _log_read(url, len(data))
+    return data
+
+
+def read_range(url: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of `url`, exactly (on S3: one ranged GET, retried if cut off)."""
+    if not 0 <= start <= stop:
+        raise ValueError(f"invalid byte range [{start}, {stop}) of {url}")
+    if start == stop:
+        return b""
+    if is_s3(url):
+        data = s3.read_range(url, start, stop)
+    else:
+        data = _read_local_range(url, start, stop)
+    _log_read(url, len(data))
+    return data
+
+
+def _read_local_range(url: str, start: int, stop: int) -> bytes:
     try:
-        return _local(url).read_bytes()
+        with _local(url).open("rb") as f:
+            f.seek(start)
+            data = f.read(stop - start)  # a buffered read returns less only at the end
     except FileNotFoundError:
         raise UserError(f"{url} does not exist") from None
     except OSError as e:
         raise UserError(f"cannot read {url}: {e.strerror}") from None
+    if len(data) != stop - start:
+        raise UserError(
+            f"{url} is shorter than expected (under {stop} bytes): it changed after prep; "
+            "run prep again"
+        )
+    return data
 
 
 def open_read(url: str, size: int | None = None) -> BinaryIO:
     """A stream of `url`; on S3 it reads ahead a bounded amount and retries cut-off chunks."""
     if is_s3(url):
-        return s3.open_stream(url, size)
+        stream = s3.open_stream(url, size)
+    else:
+        try:
+            stream = _local(url).open("rb")
+        except FileNotFoundError:
+            raise UserError(f"{url} does not exist") from None
+    return _LoggedStream(stream, url) if os.environ.get(READ_LOG_VAR) else stream
+
+
+def _log_read(url: str, n: int) -> None:
+    """Append `url<TAB>n` to this process's read log, if METATRAINER_READ_LOG is set."""
+    directory = os.environ.get(READ_LOG_VAR)
+    if not directory:
+        return
+    path = os.path.join(directory, f"{os.getpid()}.tsv")
+    line = os.fsencode(url) + b"\t" + str(n).encode() + b"\n"
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
-        return _local(url).open("rb")
+        fd = os.open(path, flags, 0o666)
     except FileNotFoundError:
-        raise UserError(f"{url} does not exist") from None
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, flags, 0o666)
+    try:
+        os.write(fd, line)  # one append per line: whole lines, whatever else writes there
+    finally:
+        os.close(fd)
+
+
+def read_log_totals(directory: str) -> dict[str, int]:
+    """Bytes read per url, summed over every process's read log in `directory`."""
+    totals: Counter[str] = Counter()
+    for path in sorted(Path(directory).glob("*.tsv")):
+        for line in path.read_bytes().splitlines():
+            url, n = line.rsplit(b"\t", 1)
+            totals[os.fsdecode(url)] += int(n)
+    return dict(totals)
+
+
+class _LoggedStream(io.BufferedIOBase):
+    """A stream that counts the bytes its reader was given and logs them when closed."""
+
+    def __init__(self, stream: BinaryIO, url: str) -> None:
+        super().__init__()
+        self.stream, self.url, self.count = stream, url, 0
+
+    def _counted(self, data: bytes) -> bytes:
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        return self._counted(self.stream.read(n))
+
+    def read1(self, n: int = -1) -> bytes:
+        return self._counted(self.stream.read1(n))  # type: ignore[attr-defined]
+
+    def readinto(self, b) -> int:
+        n = self.stream.readinto(b)  # type: ignore[attr-defined]
+        self.count += n
+        return n
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        return self._counted(self.stream.readline(limit))
+
+    def seekable(self) -> bool:
+        return self.stream.seekable()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.close()
+        finally:
+            _log_read(self.url, self.count)
+            super().close()
 
 
 @contextmanager

@@ -4,6 +4,7 @@
     bucket = server.make_bucket()             # "s3://test-…"
     proxy = FaultProxy(server.endpoint)       # put it between a client and the server
     proxy.set_faults(error_rate=0.2, truncate_rate=0.2)
+    proxy.bytes_served(bucket)                # GET body bytes sent for keys under a prefix
     auth = AuthS3Server()                     # moto in a subprocess that checks credentials
 
 Credentials here are dummies for these local servers only.
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import boto3
 from botocore.config import Config
@@ -168,6 +169,10 @@ class FaultProxy:
     Faults, drawn per request from one seeded generator: an S3 error reply (500/503) without
     forwarding, a GET response cut off after part of its body (full Content-Length, then the
     connection closes), and a delay before forwarding. `injected` counts "error" and "truncate".
+
+    It also counts, per (method, "bucket/key"), the requests received and the response body
+    bytes actually sent to the client (a cut-off body counts what was sent): `bytes_served`,
+    `requests_served`, `reset_counts`.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -175,6 +180,8 @@ class FaultProxy:
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
         self.injected: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
+        self._bytes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.set_faults()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self._server.daemon_threads = True
@@ -213,6 +220,33 @@ class FaultProxy:
                 return None, fraction, delay
             return None, None, delay
 
+    def bytes_served(self, prefix: str = "", method: str = "GET") -> int:
+        """Body bytes sent for `method` requests of keys under `prefix` ("s3://bucket/dir",
+        "bucket/dir" or "" for all)."""
+        return self._sum(self._bytes, prefix, method)
+
+    def requests_served(self, prefix: str = "", method: str = "GET") -> int:
+        """`method` requests received for keys under `prefix`, as in `bytes_served`."""
+        return self._sum(self._requests, prefix, method)
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._bytes.clear()
+            self._requests.clear()
+
+    def _sum(self, counts: collections.Counter[tuple[str, str]], prefix: str, method: str) -> int:
+        prefix = prefix.removeprefix("s3://")
+        with self._lock:
+            return sum(
+                n for (m, key), n in counts.items() if m == method and key.startswith(prefix)
+            )
+
+    def _count(self, method: str, path: str, body_bytes: int, request: bool = False) -> None:
+        key = unquote(urlparse(path).path).lstrip("/")  # path-style: "bucket/key"
+        with self._lock:
+            self._requests[method, key] += request
+            self._bytes[method, key] += body_bytes
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -234,6 +268,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _forward(self) -> None:
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()  # always read, so a faulted connection stays in sync
+        proxy._count(self.command, self.path, 0, request=True)
         error, cut_fraction, delay = proxy._draw(self.command)
         if delay:
             time.sleep(delay)
@@ -286,12 +321,26 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if cut_fraction is not None and data:
             with proxy._lock:
                 proxy.injected["truncate"] += 1
-            self.wfile.write(data[: int(len(data) * cut_fraction)])
+            self._send_body(data[: int(len(data) * cut_fraction)])
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self.wfile.write(data)
+        self._send_body(data)
+
+    def _send_body(self, data: bytes) -> None:
+        """Send `data` and count the bytes that went out. Each send is counted before it is
+        made and corrected after, so the count is complete by the time the client has it all."""
+        proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
+        view = memoryview(data)
+        while view:
+            proxy._count(self.command, self.path, len(view))
+            sent = 0
+            try:
+                sent = self.connection.send(view)
+            finally:
+                proxy._count(self.command, self.path, sent - len(view))
+            view = view[sent:]
 
     def _send_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
         self.send_response_only(status, reason)
@@ -308,5 +357,4 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self._send_body(b"" if self.command == "HEAD" else body)
