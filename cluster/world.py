@@ -1,8 +1,8 @@
-"""All rank and worker arithmetic, in one place.
+"""Who this process is: rank, loader worker, reader; and how evaluation is split.
 
-A *reader* is one DataLoader worker of one training rank. Samples are dealt to ranks by
-contiguous ranges of equal length, so every rank runs the same number of steps whatever the
-shard sizes (an uneven split is the classic DDP hang).
+A *reader* is one DataLoader worker of one training rank. Training samples are dealt to
+readers by partition (`training.order`, reader q serving partitions j ≡ q mod readers);
+evaluation samples go to ranks in contiguous ranges, and to loader workers by batch.
 """
 
 from __future__ import annotations
@@ -37,21 +37,22 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def readers(self) -> int:
+        """Readers in the world: every loader worker of every rank."""
+        return self.world_size * self.loader_workers
+
+    @property
+    def reader(self) -> int:
+        """This reader's number: a rank's readers are `world_size` apart, so rank r of R serves
+        the partitions j ≡ r (mod R) whatever its number of loader workers."""
+        return self.rank + self.world_size * self.loader_worker
+
     def with_loader_worker(self, worker: int, workers: int) -> World:
         return World(self.rank, self.world_size, self.local_rank, worker, max(1, workers))
 
-    def samples_per_rank(self, total: int, drop_last: bool) -> int:
-        """Training drops the remainder so every rank gets the same count; evaluation keeps it."""
-        if drop_last:
-            return total // self.world_size
-        return -(-total // self.world_size)
-
-    def rank_range(self, total: int, drop_last: bool) -> range:
-        """The contiguous slice [start, stop) of an epoch's `total` samples this rank reads."""
-        if drop_last:
-            n = total // self.world_size
-            return range(self.rank * n, (self.rank + 1) * n)
-        # Without dropping, spread the remainder over the first ranks (sizes differ by <= 1).
+    def rank_range(self, total: int) -> range:
+        """This rank's contiguous share of `total` evaluation samples (sizes differ by <= 1)."""
         base, extra = divmod(total, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (1 if self.rank < extra else 0))

@@ -77,12 +77,22 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
     )
     o.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
     o.add_argument(
+        "--partitions",
+        type=int,
+        default=defaults.partitions,
+        metavar="P",
+        help="canonical readers of the data order: workers × loader workers must divide it; "
+        "fixed for the life of a run (default: 1024, or the largest power of two that leaves "
+        "a small train split 64 samples a partition)",
+    )
+    o.add_argument(
         "--shuffle-block",
         type=int,
         default=defaults.shuffle_block,
         metavar="N",
-        help="samples shuffled together within an epoch; with --seed it fixes the data order "
-        "(default: %(default)s)",
+        help="samples of a partition read and shuffled together; with --seed and --partitions "
+        "it fixes the data order (default: what keeps a dataset's readers under 2 GB, 8 to "
+        "4096)",
     )
     c = p.add_argument_group("cluster")
     c.add_argument(

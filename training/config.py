@@ -52,8 +52,13 @@ class TrainConfig:
     """Also checkpoint every N global steps (0: only at the end of each epoch)."""
     keep_checkpoints: int = 3
     """Checkpoints kept in storage; older ones are deleted (0 keeps all)."""
-    shuffle_block: int = 4096
-    """Samples permuted together within an epoch (the shuffle's reach; part of the order)."""
+    partitions: int | None = None
+    """Canonical readers of the data order; ranks × loader workers must divide it. Fixed for
+    the life of a run (part of the order, like the seed). None: 1024, fewer for a small train
+    split (`training.order.auto_partitions`), resolved when the run starts."""
+    shuffle_block: int | None = None
+    """Samples of a partition read together and permuted together (part of the order). None:
+    as many as keep the readers of a dataset under 2 GB (`training.order.auto_block`)."""
     sample_log: str | None = None
     """Debug: append each trained batch's sample keys to SAMPLE_LOG/rank-R.tsv (a local dir)."""
     metrics_port: int = 9100

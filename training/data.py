@@ -1,32 +1,28 @@
-"""Streaming data: WebDataset shards → decoded, batched tensors, split by rank and loader worker.
+"""Streaming data: shard bytes → decoded, batched tensors, each byte read once per epoch.
 
-Three layers, as in timm: `read_samples` reads raw samples (compressed bytes) from the shards
-through webdataset's tar reader; `ShardBatches` orders, shuffles, batches and decodes them for
-one rank; `build_loader` wraps it in a DataLoader.
+Three layers, as in timm: `SplitReader` reads runs of samples (compressed bytes) with one
+ranged read per shard they touch, found through the manifest's index; `TrainBatches` and
+`EvalBatches` decide which runs this reader needs and decode them; `build_loader` wraps them in
+a DataLoader.
 
-The order of one epoch is a function of (seed, epoch, world size) alone:
-- shard order is shuffled with (seed, epoch) and the shards are laid end to end;
-- rank r reads a contiguous, equal-length slice of that sequence (drop-last arithmetic on the
-  manifest's counts), so every rank runs the same number of steps whatever the shard sizes;
-- a shuffle buffer of compressed bytes, seeded with (seed, epoch, rank), reorders the slice;
-- batch j is decoded by loader worker j mod W, and the DataLoader's round robin over workers
-  restores the order 0, 1, 2, … Each worker reads the rank's whole slice but decodes only its
-  own batches: reading tar entries costs far less than decoding the JPEGs.
-Random augmentation is seeded per (seed, epoch, rank, batch), so it does not depend on which
-worker decodes a batch either.
+Training follows `training.order`: reader q (rank r, loader worker w) serves the partitions
+j ≡ q (mod readers) and yields, every step, its part of the rank's batch; the loader
+concatenates the parts of a step from its workers in partition order. So what a rank trains
+on does not depend on the number of loader workers, and no two readers read the same bytes.
+Augmentation is seeded per sample by (seed, epoch, the sample's place in the split), so it
+does not depend on which rank, worker or batch decodes a sample either.
 """
 
 from __future__ import annotations
 
 import io
-import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms as T
@@ -35,27 +31,13 @@ from webdataset.gopen import gopen_schemes
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from data_prep.manifest import Manifest, Shard
+from data_prep.contract import Manifest, Sample, Shard, parse_samples
+from training import order
 from training.config import TrainConfig
 from training.shard_cache import ShardCache
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-META_SUFFIXES = {"cls", "json"}
-
-
-@dataclass(frozen=True)
-class RawSample:
-    key: str
-    image: bytes
-    label: int
-
-
-def epoch_shard_order(shards: list[Shard], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
-    order = list(shards)
-    if shuffle:
-        random.Random(f"{seed}:{epoch}:shards").shuffle(order)
-    return order
 
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
@@ -66,51 +48,36 @@ def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
 gopen_schemes["s3"] = _open_s3
 
 
-def open_shard(url: str, shard: Shard, cache: ShardCache | None) -> BinaryIO:
-    if cache is not None and storage.is_s3(url):
-        return cache.open(url, shard)
-    return storage.open_read(url, shard.bytes)
+class SplitReader:
+    """Runs of a split's samples (positions in its layout: shards end to end, manifest order).
 
-
-def read_samples(
-    dataset: str, shards: list[Shard], positions: range, cache: ShardCache | None = None
-) -> Iterator[RawSample]:
-    """The samples at `positions` of the shards laid end to end, as compressed bytes.
-
-    Shards wholly outside the range are never opened; inside a shard, samples before the range
-    are skipped without decoding. S3 shards are streamed (bounded read-ahead), not downloaded
-    first.
+    A run is fetched with one ranged read per shard it touches. S3 reads go through the node's
+    shard cache when there is one: a cache entry is the part of a shard inside `entry` (for
+    training, the reader's partition), so a node keeps only what its readers own.
     """
-    offset = 0
-    for shard in shards:
-        start, stop = offset, offset + shard.num_samples
-        offset = stop
-        if stop <= positions.start or start >= positions.stop:
-            continue
-        url = storage.join(dataset, shard.name)
-        seen = 0
-        with open_shard(url, shard, cache) as stream:
-            files = wds.tariterators.tar_file_expander([{"stream": stream, "url": url}])
-            for sample in wds.tariterators.group_by_keys(files):
-                index = start + seen
-                seen += 1
-                if index >= positions.stop:
-                    break
-                if index >= positions.start:
-                    yield _raw(sample, url)
+
+    def __init__(self, dataset: str, shards: list[Shard], cache: ShardCache | None) -> None:
+        self.dataset, self.shards, self.cache = dataset, shards, cache
+        self.layout = order.Layout([s.num_samples for s in shards])
+
+    def read(self, run: range, entry: range | None = None) -> list[Sample]:
+        samples: list[Sample] = []
+        for piece in self.layout.pieces(run.start, run.stop):
+            shard = self.shards[piece.shard]
+            url = storage.join(self.dataset, shard.name)
+            offsets = shard.offsets
+            start, stop = int(offsets[piece.start]), int(offsets[piece.stop])
+            if self.cache is not None and storage.is_s3(url):
+                base = self.layout.starts[piece.shard]
+                within = entry or run
+                first = max(within.start - base, 0)
+                last = min(within.stop - base, shard.num_samples)
+                span = range(int(offsets[first]), int(offsets[last]))
+                data = self.cache.read(url, shard, span, range(start, stop))
             else:
-                if seen != shard.num_samples:
-                    raise UserError(
-                        f"{url} holds {seen} samples but the manifest says "
-                        f"{shard.num_samples}: the shard changed after prep; run prep again"
-                    )
-
-
-def _raw(sample: dict, url: str) -> RawSample:
-    images = [k for k in sample if not k.startswith("__") and k not in META_SUFFIXES]
-    if len(images) != 1 or "cls" not in sample:
-        raise UserError(f"{url}: sample {sample['__key__']} is not a metatrainer sample")
-    return RawSample(sample["__key__"], sample[images[0]], int(sample["cls"]))
+                data = storage.read_range(url, start, stop)
+            samples += parse_samples(data, piece.stop - piece.start, url)
+        return samples
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -131,19 +98,8 @@ def build_transform(image_size: int, augment: bool) -> T.Compose:
     return T.Compose([*crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, consumed: int = 0) -> int:
-    """Global steps left in an epoch after `consumed` samples; the remainder is dropped."""
-    return max(0, num_samples - consumed) // (world_size * batch_size)
-
-
-def block_permutation(seed: int, epoch: int, block: int, size: int) -> list[int]:
-    perm = list(range(size))
-    random.Random(f"{seed}:{epoch}:block:{block}").shuffle(perm)
-    return perm
-
-
 class _Batches(IterableDataset):
-    """Decoding shared by the training and evaluation batch streams."""
+    """Reading and decoding shared by the training and evaluation batch streams."""
 
     def __init__(
         self,
@@ -161,7 +117,7 @@ class _Batches(IterableDataset):
     ) -> None:
         self.dataset, self.shards, self.world = dataset, shards, world
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
-        self.augment = augment
+        self.augment, self.image_size = augment, image_size
         self.transform = build_transform(image_size, augment)
         self.cache_dir, self.cache_size = cache_dir, cache_size
         self.with_keys = with_keys
@@ -190,126 +146,227 @@ class _Batches(IterableDataset):
         info = get_worker_info()
         return self.world.with_loader_worker(info.id, info.num_workers) if info else self.world
 
-    def _read(self, shards: list[Shard], positions: range) -> Iterator[RawSample]:
+    def _reader(self) -> SplitReader:
         cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
-        return read_samples(self.dataset, shards, positions, cache)
+        return SplitReader(self.dataset, self.shards, cache)
 
-    def _decode(self, batch: list[RawSample], key: int) -> tuple:
-        """Decode and transform; `key` names the batch (augmentation is seeded with it)."""
-        labels = torch.tensor([s.label for s in batch])
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
-        # Fork the RNG so the augmentation of batch j is the same whichever process decodes it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, key)) & (2**63 - 1))
-            images = torch.stack([self.transform(decode_image(s.image)) for s in batch])
-        return (images, labels, [s.key for s in batch]) if self.with_keys else (images, labels)
+    def _decode(self, samples: Iterable[tuple[int, Sample]]) -> tuple[torch.Tensor, ...]:
+        """Images, labels and keys of (layout position, sample) pairs, decoded as they come (so
+        decoding overlaps the reads still under way); the position seeds the augmentation."""
+        images, labels, keys = [], [], []
+        # Fork the RNG so a sample's crop is the same whichever process decodes it.
+        with torch.random.fork_rng(devices=[], enabled=self.augment):
+            for place, sample in samples:
+                if not 0 <= sample.label < self.num_classes:
+                    raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
+                if self.augment:
+                    torch.manual_seed(hash((self.seed, self.epoch, place)) & (2**63 - 1))
+                images.append(self.transform(decode_image(sample.image)))
+                labels.append(sample.label)
+                keys.append(sample.key)
+        size = self.image_size
+        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size)
+        return stacked, torch.tensor(labels, dtype=torch.int64), keys
 
 
 class TrainBatches(_Batches):
-    """One rank's training batches of an epoch, resumable at any step.
+    """One rank's training batches of an epoch in the partitioned order, resumable anywhere.
 
-    The epoch's sample order is a function of (seed, epoch) alone: shards shuffled and laid
-    end to end, then each block of `shuffle_block` consecutive samples permuted. Global step t
-    takes the next batch_size × world_size samples of that order and rank r the r-th
-    batch_size of them, so 2 ranks × batch b see exactly what 1 rank × batch 2b sees, and
-    every rank runs the same number of steps. Resuming after `consumed` samples is arithmetic:
-    whole shards before it are not opened, and tar entries before it are read, not decoded.
-    Each reader keeps only its own samples of a block (compressed) until it can emit them.
+    Every loader worker yields one part per step (possibly empty); `build_loader` joins the
+    parts of a step. Resuming after `consumed` samples is arithmetic: each partition starts at
+    (consumed + j) // P of its sequence, chunks before it are never read, and samples before it
+    in its chunk are read but not decoded.
     """
 
-    def __init__(self, *args, shuffle_block: int = 4096, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.block = shuffle_block
+    def __init__(self, *args, partitions: int, shuffle_block: int, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.partitions, self.block = partitions, shuffle_block
         self.consumed = 0
+
+    @classmethod
+    def from_config(cls, dataset, manifest, split, cfg, world, **kw):
+        """With the config's order; its defaults must be resolved (`driver.preflight`)."""
+        assert cfg.partitions and cfg.shuffle_block, "resolve the order's defaults first"
+        return super().from_config(
+            dataset,
+            manifest,
+            split,
+            cfg,
+            world,
+            augment=cfg.augment,
+            partitions=cfg.partitions,
+            shuffle_block=cfg.shuffle_block,
+            **kw,
+        )
 
     def set_position(self, epoch: int, consumed: int = 0) -> None:
         self.epoch, self.consumed = epoch, consumed
 
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world.world_size
+
     def __len__(self) -> int:
-        return steps_per_epoch(self.total, self.world.world_size, self.batch_size, self.consumed)
+        return order.steps_left(self.total, self.global_batch, self.consumed)
 
     def __iter__(self) -> Iterator[tuple]:
         world = self._reader_world()
-        b, stride = self.batch_size, self.batch_size * world.world_size
-        steps = len(self)
-        if steps == 0:
-            return
+        order.check_shape(self.partitions, world.world_size, world.loader_workers)
+        mine = [
+            order.PartitionEpoch(
+                order.Partition.of(j, self.partitions, self.total),
+                self.block,
+                self.seed,
+                self.epoch,
+            )
+            for j in order.reader_partitions(world.reader, world.readers, self.partitions)
+        ]
+        with _Prefetcher(self._reader(), mine, self._schedule(mine)) as chunks:
+            for t in range(len(self)):
+                owners: list[int] = []
+                images, labels, keys = self._decode(self._step(t, mine, chunks, owners))
+                # Small values as lists: each tensor crosses from a loader process in a shared
+                # memory segment of its own, which costs more than pickling a few ints.
+                yield images, labels.tolist(), owners, keys
 
-        # Output positions of this reader's batches: step t of this run of the epoch holds
-        # positions start(t) .. start(t)+b-1; reader w of W decodes steps w, w+W, ...
-        def start(t: int) -> int:
-            return self.consumed + t * stride + world.rank * b
+    def _step(
+        self, t: int, mine: list[order.PartitionEpoch], chunks: _Prefetcher, owners: list[int]
+    ) -> Iterator[tuple[int, Sample]]:
+        """This reader's samples of step t, partition by partition; their owners to `owners`."""
+        g, p = self.global_batch, self.partitions
+        before, after = self.consumed + t * g, self.consumed + (t + 1) * g
+        for part in mine:
+            j = part.partition.index
+            for i in range(order.taken(j, p, before), order.taken(j, p, after)):
+                owners.append(j)
+                yield chunks.sample(t, part, i)
 
-        def step_of(p: int) -> int | None:
-            """The step whose batch for this reader holds output position p, if any."""
-            if p < self.consumed:
-                return None
-            t, offset = divmod(p - self.consumed, stride)
-            mine = t < steps and world.rank * b <= offset < (world.rank + 1) * b
-            return t if mine and world.owns_batch(t) else None
+    def _schedule(self, mine: list[order.PartitionEpoch]) -> list[tuple[int, int, int]]:
+        """(step, partition, chunk) of every chunk this reader loads, in the order it needs them:
+        so a background thread can fetch them ahead, hiding storage latency behind decoding."""
+        g, p, start = self.global_batch, self.partitions, self.consumed
+        schedule = []
+        for part in mine:
+            j = part.partition.index
+            first = order.taken(j, p, start)
+            last = order.taken(j, p, start + len(self) * g)
+            if first == last:
+                continue
+            for k in range(part.chunk_at(first), part.chunk_at(last - 1) + 1):
+                t = order.step_taking(max(part.starts[k], first), j, p, start, g)
+                schedule.append((t, j, k))
+        schedule.sort()
+        return schedule
 
-        owned = [t for t in range(steps) if world.owns_batch(t)]
-        if not owned:
-            return
-        first = start(owned[0]) // self.block * self.block
-        stop = min(self.total, -(-(start(owned[-1]) + b) // self.block) * self.block)
-        pending = iter(owned)
-        t = next(pending)
-        wanted: dict[int, int] = {}  # stream index → output position, in the current block
-        held: dict[int, RawSample] = {}  # output position → sample
-        order = epoch_shard_order(self.shards, self.seed, self.epoch, shuffle=True)
-        for index, sample in enumerate(self._read(order, range(first, stop)), start=first):
-            if index % self.block == 0:
-                base = index
-                size = min(self.block, self.total - base)
-                perm = block_permutation(self.seed, self.epoch, base // self.block, size)
-                wanted = {
-                    base + perm[p - base]: p
-                    for p in range(base, base + size)
-                    if step_of(p) is not None
-                }
-            if index in wanted:
-                held[wanted.pop(index)] = sample
-            if (index + 1) % self.block == 0 or index + 1 == stop:
-                # The block is complete, so every position in it is known: emit what is done.
-                while t is not None and start(t) + b <= index + 1:
-                    batch = [held.pop(p) for p in range(start(t), start(t) + b)]
-                    yield self._decode(batch, start(t))
-                    t = next(pending, None)
-        assert t is None and not held, "the shards ended before the epoch did"
+
+class _Prefetcher:
+    """A reader's chunks, loaded in the order it will need them, `AHEAD` in flight."""
+
+    AHEAD = 8
+
+    def __init__(
+        self,
+        split: SplitReader,
+        parts: list[order.PartitionEpoch],
+        schedule: list[tuple[int, int, int]],
+    ) -> None:
+        self.split, self.schedule = split, iter(schedule)
+        self.parts = {part.partition.index: part for part in parts}
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks")
+        self.pending: deque = deque()
+        self.loaded: dict[int, tuple[int, list]] = {}  # partition → (chunk, its samples)
+        for _ in range(self.AHEAD):
+            self._submit()
+
+    def _submit(self) -> None:
+        step = next(self.schedule, None)
+        if step is not None:
+            self.pending.append((step, self.pool.submit(self._load, *step[1:])))
+
+    def _load(self, j: int, k: int) -> list[tuple[int, Sample]]:
+        part = self.parts[j]
+        chunk = part.chunks[k]
+        run = range(part.partition.start, part.partition.start + part.partition.size)
+        by_place = dict(zip(chunk, self.split.read(chunk, run), strict=True))
+        return [(p, by_place[p]) for p in part.chunk_order(k)]
+
+    def sample(self, t: int, part: order.PartitionEpoch, i: int) -> tuple[int, Sample]:
+        """(layout position, sample) at sequence position i of `part`, needed by step t."""
+        j, k = part.partition.index, part.chunk_at(i)
+        if self.loaded.get(j, (None,))[0] != k:
+            (when, *which), future = self.pending.popleft()
+            assert which == [j, k] and when == t, ((when, which), (t, j, k))
+            self._submit()
+            self.loaded[j] = (k, future.result())
+        return self.loaded[j][1][i - part.starts[k]]
+
+    def __enter__(self) -> _Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class EvalBatches(_Batches):
-    """Every sample of a split once across the ranks, in manifest order, no augmentation."""
+    """Every sample of a split once across the ranks, in manifest order, no augmentation.
+
+    Each rank takes a contiguous range; loader worker w of W reads and decodes only batches
+    w, w+W, … of it, and the DataLoader's round robin restores their order.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, augment=False, **kwargs)
 
     def __len__(self) -> int:
-        return -(-len(self.world.rank_range(self.total, drop_last=False)) // self.batch_size)
+        return -(-len(self.world.rank_range(self.total)) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple]:
         world = self._reader_world()
-        samples = self._read(self.shards, world.rank_range(self.total, drop_last=False))
-        batch: list[RawSample] = []
-        index = 0
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                if world.owns_batch(index):
-                    yield self._decode(batch, index)
-                batch, index = [], index + 1
-        if batch and world.owns_batch(index):
-            yield self._decode(batch, index)
+        mine = self.world.rank_range(self.total)
+        split = self._reader()
+        for k in range(len(self)):
+            if world.owns_batch(k):
+                start = mine.start + k * self.batch_size
+                run = range(start, min(start + self.batch_size, mine.stop))
+                images, labels, keys = self._decode(zip(run, split.read(run), strict=True))
+                yield (images, labels, keys) if self.with_keys else (images, labels)
 
 
-def build_loader(batches: _Batches, loader_workers: int, pin_memory: bool = False) -> DataLoader:
+def build_loader(
+    batches: _Batches, loader_workers: int, pin_memory: bool = False
+) -> Iterable[tuple]:
     # Workers are rebuilt each epoch (not persistent) so they pick up set_position.
-    return DataLoader(
+    loader = DataLoader(
         batches,
         batch_size=None,
         num_workers=loader_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if loader_workers else None,
     )
+    if isinstance(batches, TrainBatches):
+        keys = torch.tensor(order.batch_keys(batches.partitions))
+        return _join_parts(loader, max(1, loader_workers), keys, batches.with_keys)
+    return loader
+
+
+def _join_parts(
+    loader: DataLoader, parts: int, partition_keys: torch.Tensor, with_keys: bool
+) -> Iterator[tuple]:
+    """A step's parts come from the workers in turn (round robin): one batch, its samples in
+    the order of `order.batch_keys`, the same for every number of loader workers."""
+    it = iter(loader)
+    while True:
+        step = [part for _, part in zip(range(parts), it, strict=False)]
+        if not step:
+            return
+        assert len(step) == parts, "a loader worker ended before the others"
+        images = torch.cat([p[0] for p in step])
+        labels, owners, keys = ([x for p in step for x in p[i]] for i in (1, 2, 3))
+        labels, owners = torch.tensor(labels, dtype=torch.int64), torch.tensor(owners)
+        # Stable: each partition's samples stay in its sequence order.
+        by_owner = torch.sort(partition_keys[owners], stable=True).indices
+        images, labels = images[by_owner], labels[by_owner]
+        if with_keys:
+            yield images, labels, [keys[i] for i in by_owner.tolist()]
+        else:
+            yield images, labels

@@ -9,6 +9,7 @@ checkpoints there: training resumes after the latest one instead of starting ove
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import ray.train
@@ -18,11 +19,12 @@ from ray.train.torch import TorchTrainer
 from cluster import s3, storage
 from cluster.errors import UserError
 from cluster.ray_cluster import connect
-from data_prep.manifest import read_manifest
+from data_prep.contract import read_manifest
+from training import order
 from training.config import TrainConfig
-from training.data import steps_per_epoch
 from training.loop import train_loop_per_worker
 from training.model import load_resnet50
+from training.resume import repair_snapshot
 
 RESULT_FILE = "result.json"
 
@@ -36,13 +38,22 @@ class TrainOutcome:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Fail here, in one line, rather than in every worker after Ray has started them."""
+    """Fail here, in one line, rather than in every worker after Ray has started them; and
+    resolve the default --partitions and --shuffle-block, which the run then keeps."""
     if not cfg.data:
         raise UserError("give at least one --data location (a `metatrainer prep` output)")
-    for d in cfg.data:
-        m = read_manifest(d)
-        n = m.num_samples("train")
-        if steps_per_epoch(n, cfg.workers, cfg.batch_size) == 0:
+    if cfg.batch_size < 1 or (cfg.shuffle_block or 1) < 1 or (cfg.partitions or 1) < 1:
+        raise UserError("--batch-size, --shuffle-block and --partitions must be at least 1")
+    trains = {d: read_manifest(d).shards("train") for d in cfg.data}
+    sizes = {d: sum(s.num_samples for s in shards) for d, shards in trains.items()}
+    if cfg.partitions is None:
+        cfg.partitions = order.auto_partitions(min(sizes.values()))
+    if cfg.shuffle_block is None:
+        largest = max(sum(s.bytes for s in trains[d]) / max(n, 1) for d, n in sizes.items())
+        cfg.shuffle_block = order.auto_block(cfg.partitions, largest)
+    check_workers(cfg)
+    for d, n in sizes.items():
+        if order.steps_left(n, cfg.workers * cfg.batch_size) == 0:
             raise UserError(
                 f"{d}: the train split has {n} samples, fewer than {cfg.workers} workers × "
                 f"batch {cfg.batch_size}; lower --batch-size or --workers"
@@ -53,6 +64,24 @@ def preflight(cfg: TrainConfig) -> None:
         load_resnet50(cfg.weights, cfg.seed)
 
 
+def check_workers(cfg: TrainConfig) -> None:
+    """Every world size Ray may choose must serve the partitions (elastic: all of MIN-MAX)."""
+    low = cfg.workers if cfg.min_workers is None else cfg.min_workers
+    if low < 1 or low > cfg.workers:
+        raise UserError(f"--workers needs 1 <= MIN <= MAX, not {low}-{cfg.workers}")
+    if low == cfg.workers:
+        order.check_shape(cfg.partitions, cfg.workers, cfg.loader_workers)
+        return
+    fits = order.admissible_workers(cfg.partitions, low, cfg.workers, cfg.loader_workers)
+    if fits != list(range(low, cfg.workers + 1)):
+        raise UserError(
+            f"--workers {low}-{cfg.workers} with {max(1, cfg.loader_workers)} loader workers "
+            f"needs --partitions divisible by every reader count in the range (e.g. "
+            f"{order.partitions_for(low, cfg.workers, cfg.loader_workers)}); with --partitions "
+            f"{cfg.partitions} these worker counts fit: {', '.join(map(str, fits)) or 'none'}"
+        )
+
+
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     s3.set_endpoint(cfg.s3_endpoint)
     cfg.s3_endpoint = s3.endpoint()  # the workers get it explicitly (their env is fixed)
@@ -61,6 +90,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     preflight(cfg)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
+    # Ray refuses to restore a run whose list of checkpoints names a directory that is gone.
+    repair_snapshot(storage.join(cfg.storage, cfg.name), lambda m: print(m, file=sys.stderr))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

@@ -11,7 +11,7 @@ import torch
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from data_prep.manifest import read_manifest
+from data_prep.contract import read_manifest
 from training.checkpoint import find_checkpoint, load_state
 from training.config import TrainConfig
 from training.data import EvalBatches, build_loader

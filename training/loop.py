@@ -25,7 +25,7 @@ import torch.distributed as dist
 from cluster import s3
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
-from data_prep.manifest import Manifest, read_manifest
+from data_prep.contract import Manifest, read_manifest
 from training.checkpoint import rng_state, save_state, set_rng_state
 from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
@@ -113,7 +113,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     torch.manual_seed(cfg.seed + world.rank)
 
     pos = Position()
-    state = restore_state(cfg, say if world.is_main else lambda _: None)
+    state = restore_state(cfg, world, say)
     if state:
         check_resumable(state, cfg, backbone_sha)
         model.load_trainable(state["model"])
@@ -131,16 +131,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     urls = _gather(metrics.url, world)
     names = [dataset_label(d) for d in cfg.data]
     train_sets = [
-        TrainBatches.from_config(
-            d,
-            m,
-            "train",
-            cfg,
-            world,
-            augment=cfg.augment,
-            with_keys=cfg.sample_log is not None,
-            shuffle_block=cfg.shuffle_block,
-        )
+        TrainBatches.from_config(d, m, "train", cfg, world, with_keys=cfg.sample_log is not None)
         for d, m in zip(cfg.data, manifests, strict=True)
     ]
     log = _sample_log(cfg, world)

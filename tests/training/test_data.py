@@ -1,12 +1,18 @@
-"""The streaming loader: equal steps on every rank, disjoint rank slices, fixed order."""
+"""The streaming loader: one exact order for every cluster shape, each byte read once."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from cluster import storage
+from cluster.errors import UserError
 from cluster.world import World
-from data_prep.manifest import read_manifest
-from training.data import EvalBatches, TrainBatches, build_loader, decode_image, read_samples
+from data_prep.contract import read_manifest
+from training import order
+from training.data import EvalBatches, SplitReader, TrainBatches, build_loader, decode_image
+
+PARTITIONS = 12  # served by 1, 2, 3, 4, 6 and 12 readers
 
 
 def train_batches(shards: str, rank: int, world_size: int, batch_size: int = 16, **kw):
@@ -21,7 +27,8 @@ def train_batches(shards: str, rank: int, world_size: int, batch_size: int = 16,
         seed=1234,
         num_classes=len(manifest.classes),
         with_keys=True,
-        shuffle_block=kw.pop("shuffle_block", 100),
+        partitions=kw.pop("partitions", PARTITIONS),
+        shuffle_block=kw.pop("shuffle_block", 4),
     )
 
 
@@ -35,6 +42,29 @@ def keys(batches: list) -> list[list[str]]:
     return [list(k) for _, _, k in batches]
 
 
+def steps(
+    shards: str,
+    world_size: int,
+    batch: int,
+    workers: int = 0,
+    epoch: int = 0,
+    consumed: int = 0,
+    **kw,
+) -> list[set]:
+    """Each global step's sample keys, gathered from every rank of a world."""
+    ranks = [
+        keys(collect(train_batches(shards, r, world_size, batch, **kw), workers, epoch, consumed))
+        for r in range(world_size)
+    ]
+    return [set().union(*step) for step in zip(*ranks, strict=True)]
+
+
+def layout_keys(shards: str) -> list[str]:
+    manifest = read_manifest(shards)
+    reader = SplitReader(shards, manifest.shards("train"), None)
+    return [s.key for s in reader.read(range(manifest.num_samples("train")))]
+
+
 def test_every_rank_runs_the_same_number_of_full_batches(shards):
     # 3 shards over 2 ranks: a shard-per-rank split would give one rank twice the data.
     assert len(read_manifest(shards).shards("train")) == 3
@@ -45,12 +75,25 @@ def test_every_rank_runs_the_same_number_of_full_batches(shards):
         assert all(x.shape == (16, 3, 32, 32) for out in per_rank for x, _, _ in out)
         seen = [k for out in per_rank for batch in keys(out) for k in batch]
         assert len(seen) == len(set(seen))
+        # An epoch drops fewer samples than one global batch.
+        total = read_manifest(shards).num_samples("train")
+        assert total - len(seen) < 16 * world_size
 
 
-def test_two_ranks_see_what_one_rank_with_twice_the_batch_sees(shards):
-    single = keys(collect(train_batches(shards, 0, 1, batch_size=32), epoch=2))
-    pair = [keys(collect(train_batches(shards, r, 2, batch_size=16), epoch=2)) for r in range(2)]
-    assert single == [a + b for a, b in zip(pair[0], pair[1], strict=True)]
+def test_readers_follow_the_reference_order_for_every_shape(shards):
+    place = layout_keys(shards)
+    total = len(place)
+    shapes = [(1, 24, 0), (2, 12, 1), (2, 12, 3), (3, 8, 2), (4, 6, 0)]
+    for (ranks, batch, workers), partitions, block in [
+        *((shape, PARTITIONS, 4) for shape in shapes),
+        ((2, 12, 1), 2, 3),  # many chunks a step
+        ((1, 7, 1), 64, 5),  # more partitions than a step takes
+    ]:
+        reference = order.global_order(total, partitions, block, 1234, 2, ranks * batch)
+        got = steps(
+            shards, ranks, batch, workers, epoch=2, partitions=partitions, shuffle_block=block
+        )
+        assert got == [{place[p] for p in step} for step in reference], (ranks, workers)
 
 
 def test_resuming_mid_epoch_continues_with_the_next_sample(shards):
@@ -61,26 +104,18 @@ def test_resuming_mid_epoch_continues_with_the_next_sample(shards):
         assert tail == full[done:]
 
 
-def test_evaluation_covers_every_sample_once(shards):
-    manifest = read_manifest(shards)
-    order = manifest.shards("test")
-    total = manifest.num_samples("test")
-    per_rank = [
-        [s.key for s in read_samples(shards, order, World(r, 2).rank_range(total, False))]
-        for r in range(2)
-    ]
-    assert not set(per_rank[0]) & set(per_rank[1])
-    assert len(per_rank[0]) + len(per_rank[1]) == total
-    batches = [
-        EvalBatches(
-            shards, order, World(r, 2), batch_size=16, image_size=32, seed=1, num_classes=10
-        )
-        for r in range(2)
-    ]
-    assert sum(len(y) for b in batches for _, y in collect(b)) == total
+def test_a_resize_mid_epoch_keeps_the_order(shards):
+    """4 ranks × 4 for 3 steps, then 2 ranks × 12: every sample of the epoch once, and after
+    each step exactly the samples an unresized run has trained by then."""
+    unresized = steps(shards, 2, 12, epoch=1)
+    before = steps(shards, 4, 4, epoch=1)[:3]
+    after = steps(shards, 2, 12, epoch=1, consumed=3 * 16)
+    assert set().union(*before, after[0]) == set().union(*unresized[:3])
+    trained = [k for step in before + after for k in step]
+    assert len(trained) == len(set(trained)) and set(trained) == set().union(*unresized)
 
 
-def test_order_does_not_depend_on_loader_workers(shards):
+def test_the_order_does_not_depend_on_loader_workers(shards):
     reference = collect(train_batches(shards, 1, 2), loader_workers=0, epoch=3)
     for workers in (1, 3):
         other = collect(train_batches(shards, 1, 2), loader_workers=workers, epoch=3)
@@ -89,10 +124,71 @@ def test_order_does_not_depend_on_loader_workers(shards):
             assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+def test_a_sample_gets_the_same_crop_whoever_decodes_it(shards):
+    def crops(ranks: int, batch: int, workers: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for r in range(ranks):
+            for x, _, k in collect(train_batches(shards, r, ranks, batch), workers, epoch=1):
+                out |= dict(zip(k, x, strict=True))
+        return out
+
+    one = crops(1, 24, 0)
+    for other in (crops(2, 12, 2), crops(3, 8, 0)):
+        assert one.keys() == other.keys()
+        assert all(torch.equal(one[k], other[k]) for k in one)
+    # ... and augmentation is random: crops differ between epochs.
+    again = {k: x for x, _, ks in collect(train_batches(shards, 0, 1, 24), 0, epoch=2)
+             for k, x in zip(ks, x, strict=True)}  # fmt: skip
+    assert sum(not torch.equal(one[k], again[k]) for k in one if k in again) > len(one) // 2
+
+
 def test_each_epoch_has_its_own_order(shards):
     first = [k for batch in keys(collect(train_batches(shards, 0, 1), epoch=0)) for k in batch]
     second = [k for batch in keys(collect(train_batches(shards, 0, 1), epoch=1)) for k in batch]
     assert first != second and len(first) == len(second)
+
+
+def test_a_shape_that_does_not_divide_the_partitions_is_refused(shards):
+    with pytest.raises(UserError, match="does not divide --partitions 12"):
+        collect(train_batches(shards, 0, 5))
+
+
+def test_each_byte_is_read_once_per_epoch(shards, tmp_path, monkeypatch):
+    """Counted by the storage layer in every loader process, at two shapes."""
+    manifest = read_manifest(shards)
+    shard_bytes = sum(s.bytes for s in manifest.shards("train"))
+    for ranks, workers in [(2, 2), (3, 4)]:
+        log = tmp_path / f"reads-{ranks}x{workers}"
+        log.mkdir()
+        monkeypatch.setenv(storage.READ_LOG_VAR, str(log))
+        for r in range(ranks):
+            collect(train_batches(shards, r, ranks, 8), workers, epoch=1)
+        monkeypatch.delenv(storage.READ_LOG_VAR)
+        read = sum(storage.read_log_totals(str(log)).values())
+        assert 0.9 * shard_bytes <= read <= 1.1 * shard_bytes, (ranks, workers, read)
+
+
+def test_evaluation_covers_every_sample_once(shards, tmp_path, monkeypatch):
+    manifest = read_manifest(shards)
+    total = manifest.num_samples("test")
+    monkeypatch.setenv(storage.READ_LOG_VAR, str(tmp_path))
+    batches = [
+        EvalBatches(
+            shards,
+            manifest.shards("test"),
+            World(r, 2),
+            batch_size=16,
+            image_size=32,
+            seed=1,
+            num_classes=10,
+            with_keys=True,
+        )
+        for r in range(2)
+    ]
+    seen = [k for b in batches for _, _, ks in collect(b, loader_workers=2) for k in ks]
+    assert len(seen) == len(set(seen)) == total
+    read = sum(storage.read_log_totals(str(tmp_path)).values())
+    assert read <= sum(s.bytes for s in manifest.shards("test"))
 
 
 def test_unusual_images_decode_to_rgb(tmp_path):

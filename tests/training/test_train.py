@@ -129,3 +129,23 @@ def test_train_errors_are_one_line(tmp_path, capsys, shards):
     code = main(["evaluate", "--checkpoint", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no checkpoint" in err
+
+
+def test_shapes_that_cannot_serve_the_partitions_are_refused_in_one_line(tmp_path, capsys, shards):
+    from cluster.cli import build_parser
+    from training.cli import config_from_args
+    from training.driver import check_workers
+
+    base = ["train", "--data", shards, "--storage", str(tmp_path), "--name", "x"]
+    for flags, expected in [
+        (["--workers", "3", "--loader-workers", "2", "--partitions", "16"],
+         "6 readers, which does not divide --partitions 16"),
+        (["--workers", "4-8", "--loader-workers", "2", "--partitions", "1024"],
+         "(e.g. 1680); with --partitions 1024 these worker counts fit: 4, 8"),
+    ]:  # fmt: skip
+        assert main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    # A range whose every worker count serves the partitions is accepted.
+    flags = ["--workers", "2-4", "--loader-workers", "1", "--partitions", "12"]
+    check_workers(config_from_args(build_parser().parse_args([*base, *flags])))

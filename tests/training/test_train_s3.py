@@ -9,8 +9,11 @@ import pytest
 
 from cluster import s3 as s3_backend
 from cluster import storage
+from cluster.world import World
+from data_prep.contract import read_manifest
 from data_prep.prep import prep
 from training.config import TrainConfig
+from training.data import TrainBatches, build_loader
 from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
 
@@ -23,16 +26,21 @@ def test_prep_train_checkpoint_resume_evaluate_on_s3(
         return small_config(data, runs, **{**values, **overrides})
 
     data, runs = f"{bucket}/datasets/digits", f"{bucket}/runs"
-    prep(str(digits_dir), data, num_shards=3)
+    manifest = prep(str(digits_dir), data, num_shards=3)
     cache = tmp_path / "cache"
 
-    first = run_training(config(data, runs, s3.endpoint, cache_dir=str(cache)))
+    # 2 epochs, 2 workers × 2 loader workers, through a proxy that counts what S3 served: the
+    # node cache downloads each training byte once, and the second epoch reads nothing.
+    first = run_training(
+        config(data, runs, fault_proxy.endpoint, cache_dir=str(cache), loader_workers=2)
+    )
+    served = fault_proxy.bytes_served(f"{data}/train-")
+    shard_bytes = sum(sh.bytes for sh in manifest.shards("train"))
+    assert 0.9 * shard_bytes <= served <= 1.1 * shard_bytes, (served, shard_bytes)
     keys = s3.list_keys(bucket, "runs/digits-s3/")
     assert "runs/digits-s3/result.json" in keys
     assert sum(k.endswith("/state.pt") for k in keys) == 2
     assert first.checkpoint and first.checkpoint.startswith(f"{runs}/digits-s3/checkpoint_")
-    # Shards read to the end were kept on local disk for the next epoch.
-    assert list(cache.glob("*.tar"))
     result = json.loads(storage.read_bytes(first.result_file))
 
     # Resume from the S3 checkpoint, through a proxy that fails and cuts off responses.
@@ -46,6 +54,25 @@ def test_prep_train_checkpoint_resume_evaluate_on_s3(
     s3_backend.set_endpoint(s3.endpoint)
     [(_, accuracy, n)] = evaluate_checkpoint(f"{runs}/digits-s3", loader_workers=0)
     assert accuracy == pytest.approx(resumed["test_accuracy"]) and n > 0
+
+
+def test_an_epoch_reads_each_s3_byte_once_at_any_shape(shards, s3, bucket, fault_proxy):
+    """No cache: 2 ranks × 2 loader workers and 3 ranks × 4 read the training shards once."""
+    data = f"{bucket}/datasets/once"
+    for name in storage.list_dir(shards):
+        storage.write_bytes(f"{data}/{name}", storage.read_bytes(storage.join(shards, name)))
+    manifest = read_manifest(data)
+    shard_bytes = sum(sh.bytes for sh in manifest.shards("train"))
+    s3_backend.set_endpoint(fault_proxy.endpoint)
+    cfg = TrainConfig(batch_size=8, partitions=12, shuffle_block=8)
+    for ranks, workers in [(2, 2), (3, 4)]:
+        fault_proxy.reset_counts()
+        for rank in range(ranks):
+            batches = TrainBatches.from_config(data, manifest, "train", cfg, World(rank, ranks))
+            batches.set_position(epoch=1)
+            assert sum(len(y) for _, y in build_loader(batches, workers)) > 0
+        served = fault_proxy.bytes_served(f"{data}/train-")
+        assert 0.9 * shard_bytes <= served <= 1.1 * shard_bytes, (ranks, workers, served)
 
 
 def test_s3_errors_in_train_and_evaluate_are_one_line(s3, bucket, tmp_path, capsys):
