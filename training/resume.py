@@ -1,49 +1,158 @@
-"""Finding the state to resume from: Ray's latest checkpoint, or the newest readable one.
+"""What a run resumes from: one decision, taken where each kind of damage can be seen.
 
-A checkpoint that is incomplete or unreadable (a truncated file, a half-copied directory) is
-never loaded: the worker warns and falls back to the previous checkpoint in the run directory.
+Ray Train keeps the run's list of checkpoints in `checkpoint_manager_snapshot.json` in the run
+directory, and its controller refuses to start (`CheckpointManagerInitializationError`) when a
+directory on that list is gone. So before `trainer.fit()` the driver drops the entries whose
+directories are gone or empty (`repair_snapshot`). A checkpoint that is there but unreadable
+(a truncated or corrupt state.pt) passes Ray's check; rank 0 finds it when it reads the state,
+falls back to the previous checkpoint, and tells every rank which one it chose
+(`restore_state`), so all ranks resume from the same step. Either way the user sees one
+warning line.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
+
 import ray.train
+import torch.distributed as dist
 
 from cluster import storage
 from cluster.errors import UserError
+from cluster.world import World
 from training.checkpoint import load_state
 from training.config import TrainConfig
 
 # A resumed run must train the same model on the same data in the same order.
-IDENTITY_FIELDS = ("data", "weights", "adapters", "seed", "shuffle_block")
+IDENTITY_FIELDS = ("data", "weights", "adapters", "seed", "partitions", "shuffle_block")
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train (V2)'s list of a run's checkpoints, in the run directory."""
+
+# checkpoint_<step>_<ms> (see loop._report): names sort by progress.
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d+_\d+")
 
 
-def restore_state(cfg: TrainConfig, warn) -> dict | None:
-    """The newest readable checkpoint's state, or None to start from scratch."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    latest = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+def repair_snapshot(run_dir: str, warn: Callable[[str], None]) -> None:
+    """Drop the checkpoints whose directories are gone or empty from Ray's list of the run's
+    checkpoints, so that Ray restores the newest one still there instead of failing."""
+    url = storage.join(run_dir, SNAPSHOT_FILE)
+    if not storage.exists(url):
+        return
     try:
-        with checkpoint.as_directory() as directory:
-            return load_state(directory)
-    except UserError as e:
-        warn(f"warning: skipping checkpoint {latest}: {e}")
-    run_dir = storage.join(cfg.storage, cfg.name)
-    older = sorted(
-        (n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")), reverse=True
+        snapshot = json.loads(storage.read_bytes(url))
+        results, indices = snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"]
+        entries = list(zip(results, indices, strict=True))
+        pending = list(
+            zip(
+                snapshot["pending_training_results"],
+                snapshot["pending_validation_specs"],
+                strict=True,
+            )
+        )
+        latest = snapshot["latest_checkpoint_result"]
+        names = [e["checkpoint_dir_name"] for e, _ in entries]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{url}, Ray Train's list of the run's checkpoints, is unreadable "
+            f"({type(e).__name__}); start a new run with another --name"
+        ) from None
+    # Ray checks that each directory exists (on S3 an emptied one does not); an empty one
+    # holds nothing to resume from either.
+    gone = [n for n in names if not storage.list_dir(storage.join(run_dir, n))]
+    if not gone:
+        return
+    for name in gone:
+        storage.remove(storage.join(run_dir, name))  # empty: out of later fallbacks' way
+    kept = [(e, i) for e, i in entries if e["checkpoint_dir_name"] not in gone]
+    pending = [(e, v) for e, v in pending if e["checkpoint_dir_name"] not in gone]
+    if latest is None or latest["checkpoint_dir_name"] in gone:
+        # Entries are in the order Ray registered them; the report index says which is newest.
+        latest = max(kept, key=lambda k: k[1], default=(None, None))[0]
+    snapshot |= {
+        "checkpoint_results": [e for e, _ in kept],
+        "checkpoint_report_indices": [i for _, i in kept],
+        "pending_training_results": [e for e, _ in pending],
+        "pending_validation_specs": [v for _, v in pending],
+        "latest_checkpoint_result": latest,
+    }
+    storage.write_bytes(url, json.dumps(snapshot).encode())
+    then = (
+        f"resuming from checkpoint {latest['checkpoint_dir_name']}"
+        if latest
+        else "no checkpoint is left; starting the run over"
     )
-    for name in older:
-        if name >= latest:
-            continue
+    warn(f"warning: skipping checkpoint {', '.join(gone)} (gone or empty); {then}")
+
+
+def restore_state(cfg: TrainConfig, world: World, warn: Callable[[str], None]) -> dict | None:
+    """The state every rank resumes from (None: start from scratch). Rank 0 chooses the newest
+    readable checkpoint and broadcasts its choice; the other ranks load that one or fail."""
+    checkpoint = ray.train.get_checkpoint()
+    latest = checkpoint.path.rstrip("/").rsplit("/", 1)[-1] if checkpoint else None
+    return agree_on_state(storage.join(cfg.storage, cfg.name), latest, world, warn)
+
+
+def agree_on_state(
+    run_dir: str, latest: str | None, world: World, warn: Callable[[str], None]
+) -> dict | None:
+    """`restore_state` once Ray's latest checkpoint is known (a name in `run_dir`, or None)."""
+    shared = world.world_size > 1 and dist.is_available() and dist.is_initialized()
+    chosen, state = None, None
+    if world.is_main or not shared:
+        chosen, state = choose_checkpoint(run_dir, latest, warn if world.is_main else _silent)
+    if not shared:
+        return state
+    # Ranks deciding alone could pick different checkpoints: one that a copy finished
+    # writing, or a read failed on, between rank 0's read and theirs.
+    choice = [chosen]
+    dist.broadcast_object_list(choice, src=0)
+    if world.is_main:
+        return state
+    if choice[0] is None:
+        return None
+    try:
+        return load_state(storage.join(run_dir, choice[0]))
+    except UserError as e:
+        raise UserError(
+            f"rank {world.rank} cannot read checkpoint {choice[0]}, which rank 0 resumes from: {e}"
+        ) from None
+
+
+def choose_checkpoint(
+    run_dir: str, latest: str | None, warn: Callable[[str], None]
+) -> tuple[str | None, dict | None]:
+    """(name, state) of the newest readable checkpoint from `latest` back, or (None, None)."""
+    if latest is None:
+        return None, None
+    older = sorted(
+        (n for n in storage.list_dir(run_dir) if CHECKPOINT_NAME.fullmatch(n) and n < latest),
+        reverse=True,
+    )
+    skipped: list[str] = []
+    for name in [latest, *older]:
         try:
             state = load_state(storage.join(run_dir, name))
         except UserError as e:
-            warn(f"warning: skipping checkpoint {name}: {e}")
+            skipped.append(f"{name} ({e})")
             continue
-        warn(f"warning: resuming from the older checkpoint {name} instead")
-        return state
-    warn("warning: no readable checkpoint is left; starting the run over")
-    return None
+        if skipped:
+            warn(
+                f"warning: skipping checkpoint {', '.join(skipped)}; resuming from the older "
+                f"checkpoint {name}"
+            )
+        return name, state
+    warn(
+        f"warning: skipping checkpoint {', '.join(skipped)}; no readable checkpoint is left; "
+        "starting the run over"
+    )
+    return None, None
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def check_resumable(state: dict, cfg: TrainConfig, backbone_sha: str) -> None:
