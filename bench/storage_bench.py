@@ -38,11 +38,12 @@ from s3_support import S3Server  # noqa: E402
 
 from cluster import s3, storage  # noqa: E402
 from cluster.world import World  # noqa: E402
-from data_prep.manifest import read_manifest  # noqa: E402
+from data_prep.contract import read_manifest  # noqa: E402
 from data_prep.prep import prep  # noqa: E402
 from data_prep.progress import Progress  # noqa: E402
 from data_prep.sample_data import write_digits_imagefolder  # noqa: E402
-from training.data import TrainBatches, build_loader, read_samples  # noqa: E402
+from training import order  # noqa: E402
+from training.data import SplitReader, TrainBatches, build_loader  # noqa: E402
 
 SPLIT = "train"
 
@@ -73,21 +74,25 @@ def read_raw(dataset: str) -> int:
     """Storage and tar parsing only: every sample's compressed bytes, in one process."""
     shards = read_manifest(dataset).shards(SPLIT)
     total = sum(s.num_samples for s in shards)
-    return sum(1 for _ in read_samples(dataset, shards, range(total)))
+    return len(SplitReader(dataset, shards, None).read(range(total)))
 
 
 def load_batches(dataset: str, args: argparse.Namespace) -> int:
     """What training sees: shuffled, decoded, resized batches from the DataLoader."""
     manifest = read_manifest(dataset)
+    shards, total = manifest.shards(SPLIT), manifest.num_samples(SPLIT)
+    partitions = order.auto_partitions(total)  # training's defaults
     batches = TrainBatches(
         dataset,
-        manifest.shards(SPLIT),
+        shards,
         World(),
-        args.batch_size,
-        args.size,
-        False,
-        0,
-        len(manifest.classes),
+        batch_size=args.batch_size,
+        image_size=args.size,
+        augment=False,
+        seed=0,
+        num_classes=len(manifest.classes),
+        partitions=partitions,
+        shuffle_block=order.auto_block(partitions, sum(s.bytes for s in shards) / total),
     )
     return sum(len(labels) for _, labels in build_loader(batches, args.loader_workers))
 
