@@ -290,9 +290,13 @@ def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Names
     """The real loader at small shapes: bytes read (from the storage read log) and images/s."""
     from training.data import TrainBatches, build_loader  # torch: only the measurement needs it
 
-    cfg = TrainConfig()
-    shards = manifest.shards(args.split)
-    names = {storage.join(dataset, s.name) for s in shards}
+    cfg = TrainConfig(
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        partitions=args.partitions,
+        shuffle_block=args.shuffle_block,
+    )
+    names = {storage.join(dataset, s.name) for s in manifest.shards(args.split)}
     print(
         f"\nmeasured: the real loader on this machine ({os.cpu_count()} cores), ranks one after "
         f"another, {args.image_size} px, augment {cfg.augment}, epoch 0; load average "
@@ -313,18 +317,8 @@ def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Names
             try:
                 start, images = time.perf_counter(), 0
                 for rank in range(shape.ranks):
-                    batches = TrainBatches(
-                        dataset,
-                        shards,
-                        World(rank, shape.ranks, rank % shape.gpus),
-                        batch_size=args.batch_size,
-                        image_size=args.image_size,
-                        augment=cfg.augment,
-                        seed=cfg.seed,
-                        num_classes=len(manifest.classes),
-                        partitions=args.partitions,
-                        shuffle_block=args.shuffle_block,
-                    )
+                    world = World(rank, shape.ranks, rank % shape.gpus)
+                    batches = TrainBatches.from_config(dataset, manifest, args.split, cfg, world)
                     batches.set_position(epoch=0)
                     images += sum(len(y) for _, y in build_loader(batches, shape.workers))
                 seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from cluster import s3
+from cluster import s3, s3_stream
 from cluster.errors import UserError
 
 _UMASK = os.umask(0)
@@ -116,7 +116,7 @@ def _read_local_range(url: str, start: int, stop: int) -> bytes:
 def open_read(url: str, size: int | None = None) -> BinaryIO:
     """A stream of `url`; on S3 it reads ahead a bounded amount and retries cut-off chunks."""
     if is_s3(url):
-        stream = s3.open_stream(url, size)
+        stream = s3_stream.open_stream(url, size)
     else:
         try:
             stream = _local(url).open("rb")

@@ -13,7 +13,7 @@ from boto3.s3.transfer import TransferConfig
 from s3_support import free_port
 
 from cluster import s3 as s3_module
-from cluster import storage
+from cluster import s3_stream, storage
 from cluster.cli import main
 from cluster.errors import UserError
 
@@ -38,8 +38,8 @@ def one_line_error(excinfo: pytest.ExceptionInfo[UserError]) -> str:
 @pytest.fixture
 def small_chunks(monkeypatch) -> int:
     """Streaming reads in 64 KiB ranged GETs, so a small object spans many chunks."""
-    monkeypatch.setattr(s3_module, "CHUNK", 64 * 2**10)
-    return s3_module.CHUNK
+    monkeypatch.setattr(s3_stream, "CHUNK", 64 * 2**10)
+    return s3_stream.CHUNK
 
 
 @pytest.fixture
@@ -202,7 +202,7 @@ def test_reading_again_after_a_stream_error_raises_again_instead_of_hanging(buck
     # The size is given (as the loader does from the manifest), so the error comes mid-stream.
     # The raw stream, not storage.open_read's buffered one: closing that would wait forever
     # for the lock a hung read holds.
-    stream = s3_module.StreamReader(storage.join(bucket, "deleted-shard.tar"), size=1000)
+    stream = s3_stream.StreamReader(storage.join(bucket, "deleted-shard.tar"), size=1000)
     errors: list[Exception] = []
 
     def read_twice() -> None:
