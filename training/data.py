@@ -91,11 +91,22 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def build_transform(image_size: int, augment: bool) -> T.Compose:
+    """Decoded image → uint8 CHW crop; `to_input` makes it the model's input on the device."""
     if augment:
         crop = [T.RandomResizedCrop(image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
     else:
         crop = [T.Resize(image_size), T.CenterCrop(image_size)]
-    return T.Compose([*crop, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([*crop, T.PILToTensor()])
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A loader batch (uint8 NCHW) → ImageNet-normalised float32 on `device`: the loader ships
+    a quarter of the bytes, and the arithmetic (torchvision's ToTensor + Normalize, op for op,
+    so the same values) runs where the model does."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 class _Batches(IterableDataset):
@@ -165,7 +176,9 @@ class _Batches(IterableDataset):
                 labels.append(sample.label)
                 keys.append(sample.key)
         size = self.image_size
-        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size)
+        stacked = (
+            torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        )
         return stacked, torch.tensor(labels, dtype=torch.int64), keys
 
 

@@ -14,7 +14,7 @@ from cluster.world import World
 from data_prep.contract import read_manifest
 from training.checkpoint import find_checkpoint, load_state
 from training.config import TrainConfig
-from training.data import EvalBatches, build_loader
+from training.data import EvalBatches, build_loader, to_input
 from training.model import MetaModel, build_model
 
 
@@ -26,7 +26,7 @@ def count_correct(
     model.eval()
     correct = total = 0
     for images, labels, *_ in build_loader(batches, loader_workers):
-        features = model.features(images.to(device))
+        features = model.features(to_input(images, device))
         predicted = model.heads[head](features).argmax(dim=1).cpu()
         correct += int((predicted == labels).sum())
         total += len(labels)

@@ -28,7 +28,7 @@ from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
 from training.checkpoint import rng_state, save_state, set_rng_state
 from training.config import TrainConfig
-from training.data import EvalBatches, TrainBatches, build_loader
+from training.data import EvalBatches, TrainBatches, build_loader, to_input
 from training.evaluate import count_correct
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
@@ -156,7 +156,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         for i in range(steps):
             batch = [next(it) for it in loaders]
             ready = time.perf_counter()
-            images = torch.cat([x[0] for x in batch]).to(device, non_blocking=True)
+            images = to_input(torch.cat([x[0] for x in batch]), device)
             targets = [x[1].to(device, non_blocking=True) for x in batch]
             logits, penalty = ddp_model(images, [len(y) for y in targets])
             parts = loss_fn(logits, targets, penalty)

@@ -208,3 +208,20 @@ def test_unusual_images_decode_to_rgb(tmp_path):
         assert img.mode == "RGB", mode
     wide = decode_image(buf.getvalue())
     assert wide.size == (1, 1)
+
+
+def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(shards):
+    from torchvision import transforms as T
+
+    from training.data import IMAGENET_MEAN, IMAGENET_STD, SplitReader, decode_image, to_input
+
+    [(images, _, keys), *_] = collect(train_batches(shards, 0, 1, 64, augment=False))
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+    manifest = read_manifest(shards)
+    by_key = {s.key: s for s in SplitReader(shards, manifest.shards("train"), None).read(
+        range(manifest.num_samples("train")))}  # fmt: skip
+    reference = T.Compose(
+        [T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    expected = torch.stack([reference(decode_image(by_key[k].image)) for k in keys])
+    assert torch.equal(to_input(images, torch.device("cpu")), expected)  # bitwise
