@@ -380,9 +380,9 @@ def main() -> None:
         split = Split(manifest.shards(args.split))
         if split.total < 1:
             raise UserError(f"split {args.split!r} holds no samples")
-        args.partitions = args.partitions or order.auto_partitions(split.total)
-        mean_bytes = split.shard_bytes / split.total
-        args.shuffle_block = args.shuffle_block or order.auto_block(args.partitions, mean_bytes)
+        args.partitions, args.shuffle_block = order.resolve(
+            args.partitions, args.shuffle_block, [(split.total, split.shard_bytes)]
+        )
         started = time.perf_counter()
         print_computed(split, args.shapes, args)
         print(f"(computed in {time.perf_counter() - started:.1f} s)")

@@ -32,14 +32,14 @@ def measure(args: argparse.Namespace) -> tuple[int, float]:
     manifest = read_manifest(dataset)
     shards = manifest.shards("train")
     total = sum(s.num_samples for s in shards)
-    partitions = order.auto_partitions(total)
+    partitions, block = order.resolve(None, None, [(total, sum(s.bytes for s in shards))])
     cfg = TrainConfig(
         batch_size=args.batch_size,
         image_size=args.image_size,
         augment=args.augment,
         loader_workers=args.loader_workers,
         partitions=partitions,
-        shuffle_block=order.auto_block(partitions, sum(s.bytes for s in shards) / max(total, 1)),
+        shuffle_block=block,
     )
     batches = TrainBatches.from_config(dataset, manifest, "train", cfg, World())
     if len(batches) < 2:

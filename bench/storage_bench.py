@@ -81,7 +81,7 @@ def load_batches(dataset: str, args: argparse.Namespace) -> int:
     """What training sees: shuffled, decoded, resized batches from the DataLoader."""
     manifest = read_manifest(dataset)
     shards, total = manifest.shards(SPLIT), manifest.num_samples(SPLIT)
-    partitions = order.auto_partitions(total)  # training's defaults
+    partitions, block = order.resolve(None, None, [(total, sum(s.bytes for s in shards))])
     batches = TrainBatches(
         dataset,
         shards,
@@ -92,7 +92,7 @@ def load_batches(dataset: str, args: argparse.Namespace) -> int:
         seed=0,
         num_classes=len(manifest.classes),
         partitions=partitions,
-        shuffle_block=order.auto_block(partitions, sum(s.bytes for s in shards) / total),
+        shuffle_block=block,
     )
     return sum(len(labels) for _, labels in build_loader(batches, args.loader_workers))
 

@@ -299,8 +299,7 @@ class _Prefetcher:
     def _load(self, j: int, k: int) -> list[tuple[int, Sample]]:
         part = self.parts[j]
         chunk = part.chunks[k]
-        run = range(part.partition.start, part.partition.start + part.partition.size)
-        by_place = dict(zip(chunk, self.split.read(chunk, run), strict=True))
+        by_place = dict(zip(chunk, self.split.read(chunk, part.partition.run), strict=True))
         return [(p, by_place[p]) for p in part.chunk_order(k)]
 
     def sample(self, t: int, part: order.PartitionEpoch, i: int) -> tuple[int, Sample]:

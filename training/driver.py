@@ -46,11 +46,8 @@ def preflight(cfg: TrainConfig) -> None:
         raise UserError("--batch-size, --shuffle-block and --partitions must be at least 1")
     trains = {d: read_manifest(d).shards("train") for d in cfg.data}
     sizes = {d: sum(s.num_samples for s in shards) for d, shards in trains.items()}
-    if cfg.partitions is None:
-        cfg.partitions = order.auto_partitions(min(sizes.values()))
-    if cfg.shuffle_block is None:
-        largest = max(sum(s.bytes for s in trains[d]) / max(n, 1) for d, n in sizes.items())
-        cfg.shuffle_block = order.auto_block(cfg.partitions, largest)
+    splits = [(sizes[d], sum(s.bytes for s in shards)) for d, shards in trains.items()]
+    cfg.partitions, cfg.shuffle_block = order.resolve(cfg.partitions, cfg.shuffle_block, splits)
     check_workers(cfg)
     for d, n in sizes.items():
         if order.steps_left(n, cfg.workers * cfg.batch_size) == 0:

@@ -52,6 +52,15 @@ def auto_block(partitions: int, sample_bytes: float) -> int:
     return int(min(4096, max(8, READ_BUFFER_BYTES // (partitions * max(sample_bytes, 1.0)))))
 
 
+def resolve(
+    partitions: int | None, block: int | None, splits: list[tuple[int, int]]
+) -> tuple[int, int]:
+    """(P, B) with the defaults filled in for train splits given as (samples, shard bytes): P
+    from the smallest split, B from the largest mean sample (the readers' memory bound)."""
+    p = partitions or auto_partitions(min(n for n, _ in splits))
+    return p, block or auto_block(p, max(b / max(n, 1) for n, b in splits))
+
+
 def auto_partitions(samples: int) -> int:
     """The default P: 1024, or for a small split the largest power of two that leaves every
     partition at least MIN_PARTITION samples (at least 1)."""
@@ -152,6 +161,11 @@ class Partition:
     @classmethod
     def of(cls, index: int, count: int, total: int) -> Partition:
         return cls(index, count, _starts(count, total)[index], (total + index) // count)
+
+    @property
+    def run(self) -> range:
+        """Its layout positions."""
+        return range(self.start, self.start + self.size)
 
     def chunks(self, block: int) -> list[range]:
         """Its chunks as layout runs, in stable order."""
