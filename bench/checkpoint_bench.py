@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import load_state, rng_state, save_state
+from training.checkpoint import Position, TrainState, load_state, rng_state, save_state
 from training.loss import MetaLoss
 from training.model import build_model
 
@@ -33,11 +33,16 @@ def measure(classes: list[int], adapters: list[str]) -> tuple[int, float, float]
     targets = [torch.zeros(2, dtype=torch.long) for _ in classes]
     MetaLoss()(logits, targets, penalty).total.backward()
     optimizer.step()  # Adam's moment buffers now exist, as in any real checkpoint
-    state = {
-        "model": model.trainable_state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(),
-    }
+    state = TrainState(
+        model=model.trainable_state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler={},
+        position=Position(),
+        rng=rng_state(),
+        config={},
+        classes=[[str(i) for i in range(n)] for n in classes],
+        backbone={"weights": "none", "sha256": model.backbone_fingerprint()},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         saves, loads = [], []
         for _ in range(5):

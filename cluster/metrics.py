@@ -30,16 +30,21 @@ class TrainMetrics:
         self._throughput = Gauge(
             "metatrainer_samples_per_second", "Training samples per second.", labels, registry=r
         )
-        self._loss = Gauge("metatrainer_loss", "Meta-loss of the latest step.", labels, registry=r)
+        self._loss = Gauge(
+            "metatrainer_loss",
+            "Meta-loss, mean of the latest steps (read every --log-every steps).",
+            labels,
+            registry=r,
+        )
         self._ce = Gauge(
             "metatrainer_cross_entropy",
-            "Cross-entropy term of the latest step.",
+            "Cross-entropy term, mean of the latest steps.",
             labels,
             registry=r,
         )
         self._penalty = Gauge(
             "metatrainer_meta_penalty",
-            "Adapter penalty Σ mean(r²) of the latest step (before λ).",
+            "Adapter penalty Σ mean(r²), mean of the latest steps (before λ).",
             labels,
             registry=r,
         )
@@ -74,21 +79,15 @@ class TrainMetrics:
             ) from None
         self.url = f"http://{_node_address()}:{port}/metrics"
 
-    def step(
-        self,
-        samples: dict[str, int],
-        step_seconds: float,
-        wait_seconds: float,
-        loss: float,
-        cross_entropy: float,
-        penalty: float,
-    ) -> None:
+    def step(self, samples: dict[str, int], step_seconds: float, wait_seconds: float) -> None:
         for dataset, n in samples.items():
             self._samples.labels(**self._labels, dataset=dataset).inc(n)
         self._step.labels(**self._labels).observe(step_seconds)
         self._wait.labels(**self._labels).observe(wait_seconds)
         total = sum(samples.values())
         self._throughput.labels(**self._labels).set(total / max(step_seconds + wait_seconds, 1e-9))
+
+    def losses(self, loss: float, cross_entropy: float, penalty: float) -> None:
         self._loss.labels(**self._labels).set(loss)
         self._ce.labels(**self._labels).set(cross_entropy)
         self._penalty.labels(**self._labels).set(penalty)
@@ -108,6 +107,9 @@ class NullMetrics:
     url: str | None = None
 
     def step(self, *args, **kwargs) -> None:
+        pass
+
+    def losses(self, *args, **kwargs) -> None:
         pass
 
     def epoch(self, epoch: int) -> None:

@@ -11,6 +11,7 @@ import io
 import os
 import random
 import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,75 @@ from cluster import storage
 from cluster.errors import UserError
 
 STATE_FILE = "state.pt"
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint, so a restart continues exactly."""
+
+    epoch: int = 0
+    consumed: int = 0
+    """Samples of each dataset consumed in this epoch (all ranks together)."""
+    step: int = 0
+    """Global optimizer steps since the start of the run."""
+    epoch_steps: int = 0
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Sums of loss, cross-entropy and penalty over this epoch's steps (rank-local)."""
+    history: list[dict] = field(default_factory=list)
+
+    def advance(self, samples: int) -> None:
+        self.step += 1
+        self.epoch_steps += 1
+        self.consumed += samples
+
+    def add_losses(self, sums: list[float]) -> None:
+        self.totals = [a + v for a, v in zip(self.totals, sums, strict=True)]
+
+    def next_epoch(self, record: dict) -> Position:
+        return Position(self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record])
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: what trains, the optimizer and schedule, where training stands,
+    the RNGs, the resolved config, the datasets' classes and the backbone's identity. Tensors
+    and plain containers only, so it loads with `weights_only=True`."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    position: Position
+    rng: dict[str, Any]
+    config: dict[str, Any]
+    classes: list[list[str]]
+    backbone: dict[str, str]
+    """{"weights": what --weights said, "sha256": `MetaModel.backbone_fingerprint()`}."""
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    def to_dict(self) -> dict[str, Any]:
+        # Not asdict(self): it would deep-copy every tensor of the model and the optimizer.
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "position": asdict(self.position)
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainState:
+        """Raises KeyError/TypeError/ValueError on anything that is not a state we wrote."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a checkpoint is a dict, not {type(d).__name__}")
+        return cls(
+            model=dict(d["model"]),
+            optimizer=dict(d["optimizer"]),
+            scheduler=dict(d["scheduler"]),
+            position=Position(**d["position"]),
+            rng=dict(d["rng"]),
+            config=dict(d["config"]),
+            classes=[list(c) for c in d["classes"]],
+            backbone={"weights": str(d["backbone"]["weights"]), "sha256": d["backbone"]["sha256"]},
+        )
 
 
 def rng_state() -> dict[str, Any]:
@@ -40,12 +110,12 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
+def save_state(directory: str | Path, state: TrainState) -> Path:
     path = Path(directory) / STATE_FILE
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        torch.save(state.to_dict(), tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -53,7 +123,7 @@ def save_state(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(location: str | Path) -> dict[str, Any]:
+def load_state(location: str | Path) -> TrainState:
     """Load a state file, or the state file in a checkpoint directory (local or s3://)."""
     url = str(location)
     if not url.endswith(STATE_FILE):
@@ -63,7 +133,9 @@ def load_state(location: str | Path) -> dict[str, Any]:
     data = storage.read_bytes(url)
     try:
         # A checkpoint from a bucket is untrusted input: tensors and plain containers only.
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return TrainState.from_dict(
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        )
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or hostile: all "unreadable"
         raise UserError(f"{url}: unreadable checkpoint ({type(e).__name__})") from None
 

@@ -138,6 +138,7 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         default=None,
         help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)",
     )
+    add_compute_flags(p, defaults)
     add_checkpoint_flags(p, defaults)
     s = p.add_argument_group("storage")
     add_s3_endpoint_flag(s)
@@ -151,6 +152,32 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         type=_size,
         default=defaults.cache_size,
         help="size limit of --cache-dir, e.g. 50GB (default: 10GB)",
+    )
+
+
+def add_compute_flags(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    g = p.add_argument_group("compute")
+    g.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default=defaults.decode,
+        help="where JPEGs are decoded; auto: on the GPU when training on GPUs (default: auto)",
+    )
+    g.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (faster GPU steps)"
+    )
+    g.add_argument(
+        "--feature-cache",
+        choices=("auto", "on", "off"),
+        default=defaults.feature_cache,
+        help="train the heads on the frozen backbone's features, computed once per split; "
+        "auto: when there are no --adapters and no augmentation (default: auto)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=defaults.log_every,
+        help="read the loss from the device every N steps (default: %(default)s)",
     )
 
 

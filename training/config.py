@@ -59,6 +59,18 @@ class TrainConfig:
     shuffle_block: int | None = None
     """Samples of a partition read together and permuted together (part of the order). None:
     as many as keep the readers of a dataset under 2 GB (`training.order.auto_block`)."""
+    decode: str = "auto"
+    """Where training JPEGs are decoded: `cpu` (loader workers), `gpu` (in batches on the
+    training GPU; other files fall back to the CPU), `auto` (gpu when training on GPUs)."""
+    compile: bool = False
+    """torch.compile the model: a slower start, faster GPU steps."""
+    feature_cache: str = "auto"
+    """`on`: compute the frozen backbone's features of each split once (stored with the run)
+    and train the heads from them; needs no --adapters and --no-augment. `auto`: whenever that
+    applies. `off`: never."""
+    log_every: int = 20
+    """Read the loss terms from the device every N steps (metrics, epoch means): in between,
+    a GPU never waits for the host."""
     sample_log: str | None = None
     """Debug: append each trained batch's sample keys to SAMPLE_LOG/rank-R.tsv (a local dir)."""
     metrics_port: int = 9100

@@ -15,17 +15,14 @@ does not depend on which rank, worker or batch decodes a sample either.
 
 from __future__ import annotations
 
-import io
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import BinaryIO
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision import transforms as T
 from webdataset.gopen import gopen_schemes
 
 from cluster import storage
@@ -34,10 +31,15 @@ from cluster.world import World
 from data_prep.contract import Manifest, Sample, Shard, parse_samples
 from training import order
 from training.config import TrainConfig
+from training.decode import (
+    Encoded,
+    Images,
+    decode_cpu,
+    join_images,
+    plan_crop,
+    sample_rng,
+)
 from training.shard_cache import ShardCache
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> BinaryIO:
@@ -80,35 +82,6 @@ class SplitReader:
         return samples
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Any image prep accepted → 8-bit RGB (16-bit greyscale is scaled, not clipped)."""
-    img = Image.open(io.BytesIO(data))
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.int64)
-        peak = 65535 if img.mode.startswith("I;16") else max(1, int(arr.max()))
-        img = Image.fromarray((arr * 255 // peak).clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def build_transform(image_size: int, augment: bool) -> T.Compose:
-    """Decoded image → uint8 CHW crop; `to_input` makes it the model's input on the device."""
-    if augment:
-        crop = [T.RandomResizedCrop(image_size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
-    else:
-        crop = [T.Resize(image_size), T.CenterCrop(image_size)]
-    return T.Compose([*crop, T.PILToTensor()])
-
-
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A loader batch (uint8 NCHW) → ImageNet-normalised float32 on `device`: the loader ships
-    a quarter of the bytes, and the arithmetic (torchvision's ToTensor + Normalize, op for op,
-    so the same values) runs where the model does."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
 class _Batches(IterableDataset):
     """Reading and decoding shared by the training and evaluation batch streams."""
 
@@ -125,13 +98,13 @@ class _Batches(IterableDataset):
         cache_dir: str | None = None,
         cache_size: int = 0,
         with_keys: bool = False,
+        device_decode: bool = False,
     ) -> None:
         self.dataset, self.shards, self.world = dataset, shards, world
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.image_size = augment, image_size
-        self.transform = build_transform(image_size, augment)
         self.cache_dir, self.cache_size = cache_dir, cache_size
-        self.with_keys = with_keys
+        self.with_keys, self.device_decode = with_keys, device_decode
         self.total = sum(s.num_samples for s in shards)
         self.epoch = 0
 
@@ -161,25 +134,30 @@ class _Batches(IterableDataset):
         cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
         return SplitReader(self.dataset, self.shards, cache)
 
-    def _decode(self, samples: Iterable[tuple[int, Sample]]) -> tuple[torch.Tensor, ...]:
+    def _decode(self, samples: Iterable[tuple[int, Sample]]) -> tuple[Images, torch.Tensor, list]:
         """Images, labels and keys of (layout position, sample) pairs, decoded as they come (so
-        decoding overlaps the reads still under way); the position seeds the augmentation."""
-        images, labels, keys = [], [], []
-        # Fork the RNG so a sample's crop is the same whichever process decodes it.
-        with torch.random.fork_rng(devices=[], enabled=self.augment):
-            for place, sample in samples:
-                if not 0 <= sample.label < self.num_classes:
-                    raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
-                if self.augment:
-                    torch.manual_seed(hash((self.seed, self.epoch, place)) & (2**63 - 1))
-                images.append(self.transform(decode_image(sample.image)))
-                labels.append(sample.label)
-                keys.append(sample.key)
-        size = self.image_size
-        stacked = (
-            torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
-        )
-        return stacked, torch.tensor(labels, dtype=torch.int64), keys
+        decoding overlaps the reads still under way); the position seeds the augmentation.
+        With `device_decode`, JPEGs stay encoded and only their crops are planned here."""
+        size, labels, keys = self.image_size, [], []
+        encoded, crops = Encoded(size), []
+        for place, sample in samples:
+            if not 0 <= sample.label < self.num_classes:
+                raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
+            rng = sample_rng(self.seed, self.epoch, place) if self.augment else None
+            plan = partial(plan_crop, rng=rng)
+            if self.device_decode:
+                encoded.add(sample.image, plan)
+            else:
+                crops.append(decode_cpu(sample.image, size, plan))
+            labels.append(sample.label)
+            keys.append(sample.key)
+        if self.device_decode:
+            images: Images = encoded
+        elif crops:
+            images = torch.stack(crops)
+        else:
+            images = torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return images, torch.tensor(labels, dtype=torch.int64), keys
 
 
 class TrainBatches(_Batches):
@@ -322,24 +300,32 @@ class _Prefetcher:
 class EvalBatches(_Batches):
     """Every sample of a split once across the ranks, in manifest order, no augmentation.
 
-    Each rank takes a contiguous range; loader worker w of W reads and decodes only batches
-    w, w+W, … of it, and the DataLoader's round robin restores their order.
+    Each rank takes a contiguous range (or the layout `runs` it is given); loader worker w of W
+    reads and decodes only batches w, w+W, … of it, and the DataLoader's round robin restores
+    their order. A run is cut into nearly equal batches of at most `batch_size`.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, runs: list[range] | None = None, **kwargs) -> None:
         super().__init__(*args, augment=False, **kwargs)
+        self.runs = runs
+
+    def batches(self) -> list[range]:
+        runs = [self.world.rank_range(self.total)] if self.runs is None else self.runs
+        out = []
+        for run in runs:
+            k = -(-len(run) // self.batch_size)
+            out += [range(run.start + len(run) * i // k, run.start + len(run) * (i + 1) // k)
+                    for i in range(k)]  # fmt: skip
+        return out
 
     def __len__(self) -> int:
-        return -(-len(self.world.rank_range(self.total)) // self.batch_size)
+        return len(self.batches())
 
     def __iter__(self) -> Iterator[tuple]:
         world = self._reader_world()
-        mine = self.world.rank_range(self.total)
         split = self._reader()
-        for k in range(len(self)):
+        for k, run in enumerate(self.batches()):
             if world.owns_batch(k):
-                start = mine.start + k * self.batch_size
-                run = range(start, min(start + self.batch_size, mine.stop))
                 images, labels, keys = self._decode(zip(run, split.read(run), strict=True))
                 yield (images, labels, keys) if self.with_keys else (images, labels)
 
@@ -372,12 +358,12 @@ def _join_parts(
         if not step:
             return
         assert len(step) == parts, "a loader worker ended before the others"
-        images = torch.cat([p[0] for p in step])
+
         labels, owners, keys = ([x for p in step for x in p[i]] for i in (1, 2, 3))
         labels, owners = torch.tensor(labels, dtype=torch.int64), torch.tensor(owners)
         # Stable: each partition's samples stay in its sequence order.
         by_owner = torch.sort(partition_keys[owners], stable=True).indices
-        images, labels = images[by_owner], labels[by_owner]
+        images, labels = join_images([p[0] for p in step], by_owner), labels[by_owner]
         if with_keys:
             yield images, labels, [keys[i] for i in by_owner.tolist()]
         else:

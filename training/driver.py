@@ -22,6 +22,7 @@ from cluster.ray_cluster import connect
 from data_prep.contract import read_manifest
 from training import order
 from training.config import TrainConfig
+from training.features import cache_applies
 from training.loop import train_loop_per_worker
 from training.model import load_resnet50
 from training.resume import repair_snapshot
@@ -44,6 +45,11 @@ def preflight(cfg: TrainConfig) -> None:
         raise UserError("give at least one --data location (a `metatrainer prep` output)")
     if cfg.batch_size < 1 or (cfg.shuffle_block or 1) < 1 or (cfg.partitions or 1) < 1:
         raise UserError("--batch-size, --shuffle-block and --partitions must be at least 1")
+    if cfg.log_every < 1:
+        raise UserError("--log-every must be at least 1")
+    if cfg.decode == "gpu" and not cfg.gpus_per_worker:
+        raise UserError("--decode gpu needs GPUs: give --gpus-per-worker, or --decode cpu")
+    cache_applies(cfg)  # --feature-cache on where it cannot apply: say so now
     trains = {d: read_manifest(d).shards("train") for d in cfg.data}
     sizes = {d: sum(s.num_samples for s in shards) for d, shards in trains.items()}
     splits = [(sizes[d], sum(s.bytes for s in shards)) for d, shards in trains.items()]

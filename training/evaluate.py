@@ -14,7 +14,8 @@ from cluster.world import World
 from data_prep.contract import read_manifest
 from training.checkpoint import find_checkpoint, load_state
 from training.config import TrainConfig
-from training.data import EvalBatches, build_loader, to_input
+from training.data import EvalBatches, build_loader
+from training.decode import to_input
 from training.model import MetaModel, build_model
 
 
@@ -38,7 +39,7 @@ def evaluate_checkpoint(
 ) -> list[tuple[str, float, int]]:
     """[(dataset, accuracy, samples)] of the checkpoint's heads on `split`, on one process."""
     state = load_state(find_checkpoint(storage.normalize(checkpoint)))
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = TrainConfig.from_dict(state.config)
     data = data or cfg.data
     if len(data) != len(cfg.data):
         raise UserError(
@@ -46,16 +47,16 @@ def evaluate_checkpoint(
             f"that many --data locations in the same order"
         )
     manifests = [read_manifest(d) for d in data]
-    for d, m, classes in zip(data, manifests, state["classes"], strict=True):
+    for d, m, classes in zip(data, manifests, state.classes, strict=True):
         if m.classes != classes:
             raise UserError(f"{d} has classes {m.classes[:5]}…, the checkpoint {classes[:5]}…")
     model = build_model(cfg.weights, [len(m.classes) for m in manifests], cfg.adapters, cfg.seed)
-    if model.backbone_fingerprint() != state["backbone"]["sha256"]:
+    if model.backbone_fingerprint() != state.backbone["sha256"]:
         raise UserError(
             f"--weights {cfg.weights} now gives a different backbone than the one this "
             "checkpoint was trained with"
         )
-    model.load_trainable(state["model"])
+    model.load_trainable(state.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results = []

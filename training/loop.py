@@ -14,7 +14,6 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray.train
@@ -22,17 +21,20 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from cluster import s3
+from cluster import s3, storage
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
-from training.checkpoint import rng_state, save_state, set_rng_state
+from training.checkpoint import Position, TrainState, rng_state, save_state, set_rng_state
 from training.config import TrainConfig
-from training.data import EvalBatches, TrainBatches, build_loader, to_input
+from training.data import EvalBatches, TrainBatches, build_loader
+from training.decode import to_input
 from training.evaluate import count_correct
+from training.features import CachedBatches, FeatureCache, cache_applies, count_correct_cached
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
 from training.resume import check_resumable, restore_state
+from training.step import LossSums, prepare_compute, train_step
 
 # DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
 # backbone has no BatchNorm statistics to keep in sync, so do not sync buffers every forward.
@@ -42,30 +44,6 @@ NO_BUFFER_SYNC = (
     if "forward_sync_buffers" in _DDP_ARGS
     else {"broadcast_buffers": False}
 )
-
-
-@dataclass
-class Position:
-    """Where training stands; saved in every checkpoint, so a restart continues exactly."""
-
-    epoch: int = 0
-    consumed: int = 0
-    """Samples of each dataset consumed in this epoch (all ranks together)."""
-    step: int = 0
-    """Global optimizer steps since the start of the run."""
-    epoch_steps: int = 0
-    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    """Sums of loss, cross-entropy and penalty over this epoch's steps (rank-local)."""
-    history: list[dict] = field(default_factory=list)
-
-    def advance(self, samples: int, losses: list[float]) -> None:
-        self.step += 1
-        self.epoch_steps += 1
-        self.consumed += samples
-        self.totals = [a + v for a, v in zip(self.totals, losses, strict=True)]
-
-    def next_epoch(self, record: dict) -> Position:
-        return Position(self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record])
 
 
 def dataset_label(location: str) -> str:
@@ -116,33 +94,73 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     state = restore_state(cfg, world, say)
     if state:
         check_resumable(state, cfg, backbone_sha)
-        model.load_trainable(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        pos = Position(**state["position"])
+        model.load_trainable(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        set_rng_state(state.rng)
+        pos = state.position
         if world.is_main:
             say(
                 f"resuming {cfg.name} at epoch {pos.epoch + 1}, sample {pos.consumed} "
                 f"(step {pos.step})"
             )
 
+    prepare_compute(model, device)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
+    if cfg.compile:
+        ddp_model = torch.compile(ddp_model)
     urls = _gather(metrics.url, world)
     names = [dataset_label(d) for d in cfg.data]
+    device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
     train_sets = [
-        TrainBatches.from_config(d, m, "train", cfg, world, with_keys=cfg.sample_log is not None)
+        TrainBatches.from_config(
+            d,
+            m,
+            "train",
+            cfg,
+            world,
+            with_keys=cfg.sample_log is not None,
+            device_decode=device_decode,
+        )  # fmt: skip
         for d, m in zip(cfg.data, manifests, strict=True)
     ]
+    cache = None
+    if cache_applies(cfg):
+        cache = FeatureCache(
+            storage.join(cfg.storage, cfg.name), model, backbone_sha, cfg, world, device,
+            device_decode, say,
+        )  # fmt: skip
+        cached = [
+            cache.load_train(cache.fill(d, m, "train"), b).to(device)
+            for d, m, b in zip(cfg.data, manifests, train_sets, strict=True)
+        ]
     log = _sample_log(cfg, world)
     stride = cfg.batch_size * world.world_size
+    sums = LossSums(device)
+
+    def read_losses() -> None:
+        """The one host sync of the loss terms: every --log-every steps and before reports."""
+        totals, steps = sums.take()
+        if steps:
+            pos.add_losses(totals)
+            metrics.losses(*(v / steps for v in totals))
 
     def checkpoint(record: dict) -> None:
         """Every rank reports (it is a barrier); only rank 0 writes and attaches the files."""
         if not world.is_main:
             ray.train.report(record)
             return
-        _report(record, _state(cfg, model, optimizer, scheduler, pos, manifests, backbone_sha))
+        state = TrainState(
+            model=model.trainable_state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            position=pos,
+            rng=rng_state(),
+            config=cfg.to_dict(),
+            classes=[m.classes for m in manifests],
+            backbone={"weights": cfg.weights, "sha256": backbone_sha},
+        )
+        _report(record, state)
 
     while pos.epoch < cfg.epochs:
         metrics.epoch(pos.epoch)
@@ -150,41 +168,40 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         for batches in train_sets:
             batches.set_position(pos.epoch, pos.consumed)
         steps = min(len(b) for b in train_sets)
-        pin = device.type == "cuda"
-        loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
+        if cache:
+            loaders = [iter(CachedBatches(b, f)) for b, f in zip(train_sets, cached, strict=True)]
+        else:
+            pin = device.type == "cuda"
+            loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
         started = tick = time.perf_counter()
         for i in range(steps):
             batch = [next(it) for it in loaders]
             ready = time.perf_counter()
-            images = to_input(torch.cat([x[0] for x in batch]), device)
+            x = torch.cat([x[0] if cache else to_input(x[0], device) for x in batch])
             targets = [x[1].to(device, non_blocking=True) for x in batch]
-            logits, penalty = ddp_model(images, [len(y) for y in targets])
-            parts = loss_fn(logits, targets, penalty)
-            optimizer.zero_grad(set_to_none=True)
-            parts.total.backward()
-            optimizer.step()
-            values = torch.stack([p.detach() for p in parts]).float().cpu().tolist()
+            sums.add(train_step(ddp_model, x, targets, optimizer, loss_fn))
             if log:
                 for d, x in enumerate(batch):
                     log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{' '.join(x[2])}\n")
                 log.flush()
-            pos.advance(stride, values)
+            pos.advance(stride)
             done = time.perf_counter()
             metrics.step(
-                {n: len(y) for n, y in zip(names, targets, strict=True)},
-                done - ready,
-                ready - tick,
-                *values,
+                {n: len(y) for n, y in zip(names, targets, strict=True)}, done - ready, ready - tick
             )
             tick = done
+            if pos.step % cfg.log_every == 0:
+                read_losses()
             every = cfg.checkpoint_every_steps
             if every and pos.step % every == 0 and i < steps - 1:
+                read_losses()
                 checkpoint({"epoch": pos.epoch, "step": pos.step})
         del loaders
+        read_losses()
         scheduler.step()
         seconds = time.perf_counter() - started
 
-        val = _accuracy(model, cfg, world, manifests, "val", device)
+        val = _accuracy(model, cfg, world, manifests, "val", device, cache)
         for name, acc in zip(names, val, strict=True):
             if acc is not None:
                 metrics.val_accuracy(name, acc)
@@ -202,7 +219,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         if pos.epoch == cfg.epochs:
             # The last report carries the final results: Ray keeps a run's metrics with its
             # latest checkpoint, so a resumed-but-finished run still finds them there.
-            test = _accuracy(model, cfg, world, manifests, "test", device)
+            test = _accuracy(model, cfg, world, manifests, "test", device, cache)
             record |= {
                 "step": pos.step,
                 "test_accuracy": _mean(test),
@@ -210,6 +227,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 "fingerprint": state_fingerprint(model.trainable_state_dict()),
                 "history": pos.history,
                 "metrics_urls": urls,
+                "feature_cache": cache is not None,
             }
         if world.is_main:
             say(
@@ -218,28 +236,6 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 f"{_fmt(record['val_accuracy'])}  {record['samples_per_second']:.0f} img/s"
             )
         checkpoint(record)
-
-
-def _state(cfg, model, optimizer, scheduler, pos: Position, manifests, backbone_sha) -> dict:
-    return {
-        "model": model.trainable_state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": pos.epoch,
-        "step": pos.step,
-        "position": {
-            "epoch": pos.epoch,
-            "consumed": pos.consumed,
-            "step": pos.step,
-            "epoch_steps": pos.epoch_steps,
-            "totals": list(pos.totals),
-            "history": list(pos.history),
-        },
-        "rng": rng_state(),
-        "config": cfg.to_dict(),
-        "classes": [m.classes for m in manifests],
-        "backbone": {"weights": cfg.weights, "sha256": backbone_sha},
-    }
 
 
 def _sample_log(cfg: TrainConfig, world: World):
@@ -256,13 +252,20 @@ def _accuracy(
     manifests: list[Manifest],
     split: str,
     device: torch.device,
+    cache: FeatureCache | None,
 ) -> list[float | None]:
     """Accuracy per dataset on `split`, each rank scoring its share (None: no such split)."""
     counts = torch.zeros(len(manifests), 2, dtype=torch.float64)
     for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True)):
         if split in m.splits and m.num_samples(split):
-            batches = EvalBatches.from_config(d, m, split, cfg, world)
-            counts[i] = torch.tensor(count_correct(model, i, batches, device, cfg.loader_workers))
+            if cache:
+                feats = cache.load_eval(cache.fill(d, m, split), m.num_samples(split))
+                counts[i] = torch.tensor(count_correct_cached(model, i, feats.to(device)))
+            else:
+                batches = EvalBatches.from_config(d, m, split, cfg, world)
+                counts[i] = torch.tensor(
+                    count_correct(model, i, batches, device, cfg.loader_workers)
+                )
     if dist.is_available() and dist.is_initialized():
         counts = counts.to(device)
         dist.all_reduce(counts)
@@ -287,7 +290,7 @@ def _gather(url: str | None, world: World) -> list[str | None]:
     return urls
 
 
-def _report(metrics: dict, state: dict) -> None:
+def _report(metrics: dict, state: TrainState) -> None:
     """Rank 0: write the state to a temporary directory and report it as the checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
         save_state(tmp, state)
@@ -296,5 +299,5 @@ def _report(metrics: dict, state: dict) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             # Step first, so names sort by progress; the time keeps a step redone after a
             # restore from reusing (and Ray's retention from deleting) an earlier directory.
-            checkpoint_dir_name=f"checkpoint_{state['step']:09d}_{time.time_ns() // 10**6}",
+            checkpoint_dir_name=f"checkpoint_{state.step:09d}_{time.time_ns() // 10**6}",
         )

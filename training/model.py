@@ -133,21 +133,31 @@ class MetaModel(nn.Module):
                 block.conv2 = AdaptedConv(block.conv2)
                 self.adapters.append(block.conv2)
         self.heads = nn.ModuleList(nn.Linear(FEATURE_DIM, n) for n in num_classes)
+        self.first_adapted = min((STAGES.index(s) for s in adapter_stages), default=len(STAGES))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.adapters:
-            # Nothing trainable inside: skip building the autograd graph through 25M weights.
-            with torch.no_grad():
-                return self.backbone(x)
-        return self.backbone(x)
+        """Pooled 2048-d features (torchvision's ResNet forward, op for op). Everything before
+        the first adapted stage runs under no_grad: nothing there trains, so autograd keeps no
+        graph or activations for it (all of it, without adapters)."""
+        b, first = self.backbone, self.first_adapted
+        with torch.no_grad():
+            x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+            for stage in STAGES[:first]:
+                x = getattr(b, stage)(x)
+        for stage in STAGES[first:]:
+            x = getattr(b, stage)(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.adapters)):
+            return torch.flatten(b.avgpool(x), 1)
 
     def forward(
         self, x: torch.Tensor, sizes: list[int] | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`x` concatenates one batch per dataset (`sizes` rows each, default: all from the
-        first dataset). Returns each dataset's logits and the adapter penalty Σ_i mean(r_i²)."""
+        first dataset): images (NCHW), or their cached features (N × 2048) when nothing in
+        the backbone trains. Returns each dataset's logits and the adapter penalty
+        Σ_i mean(r_i²)."""
         sizes = sizes or [x.shape[0]]
-        feats = self.features(x).split(sizes)
+        feats = (x if x.dim() == 2 else self.features(x)).split(sizes)
         logits = [head(f) for head, f in zip(self.heads, feats, strict=False)]
         penalty = sum((a.penalty for a in self.adapters), x.new_zeros(()))
         return logits, penalty

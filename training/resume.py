@@ -22,7 +22,7 @@ import torch.distributed as dist
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from training.checkpoint import load_state
+from training.checkpoint import TrainState, load_state
 from training.config import TrainConfig
 
 # A resumed run must train the same model on the same data in the same order.
@@ -87,7 +87,7 @@ def repair_snapshot(run_dir: str, warn: Callable[[str], None]) -> None:
     warn(f"warning: skipping checkpoint {', '.join(gone)} (gone or empty); {then}")
 
 
-def restore_state(cfg: TrainConfig, world: World, warn: Callable[[str], None]) -> dict | None:
+def restore_state(cfg: TrainConfig, world: World, warn: Callable[[str], None]) -> TrainState | None:
     """The state every rank resumes from (None: start from scratch). Rank 0 chooses the newest
     readable checkpoint and broadcasts its choice; the other ranks load that one or fail."""
     checkpoint = ray.train.get_checkpoint()
@@ -97,7 +97,7 @@ def restore_state(cfg: TrainConfig, world: World, warn: Callable[[str], None]) -
 
 def agree_on_state(
     run_dir: str, latest: str | None, world: World, warn: Callable[[str], None]
-) -> dict | None:
+) -> TrainState | None:
     """`restore_state` once Ray's latest checkpoint is known (a name in `run_dir`, or None)."""
     shared = world.world_size > 1 and dist.is_available() and dist.is_initialized()
     chosen, state = None, None
@@ -123,7 +123,7 @@ def agree_on_state(
 
 def choose_checkpoint(
     run_dir: str, latest: str | None, warn: Callable[[str], None]
-) -> tuple[str | None, dict | None]:
+) -> tuple[str | None, TrainState | None]:
     """(name, state) of the newest readable checkpoint from `latest` back, or (None, None)."""
     if latest is None:
         return None, None
@@ -155,8 +155,8 @@ def _silent(_: str) -> None:
     pass
 
 
-def check_resumable(state: dict, cfg: TrainConfig, backbone_sha: str) -> None:
-    before = state["config"]
+def check_resumable(state: TrainState, cfg: TrainConfig, backbone_sha: str) -> None:
+    before = state.config
     changed = [f for f in IDENTITY_FIELDS if before.get(f) != getattr(cfg, f)]
     if changed:
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in changed)
@@ -164,7 +164,7 @@ def check_resumable(state: dict, cfg: TrainConfig, backbone_sha: str) -> None:
             f"run {cfg.name!r} was started with other {flags}; resume with the same values or "
             "start a new run with another --name"
         )
-    if state["backbone"]["sha256"] != backbone_sha:
+    if state.backbone["sha256"] != backbone_sha:
         raise UserError(
             f"--weights {cfg.weights} now gives a different backbone than the one run "
             f"{cfg.name!r} was trained with; start a new run with another --name"

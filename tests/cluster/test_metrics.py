@@ -32,9 +32,11 @@ def test_metrics_are_served_and_grow():
     port = free_port()
     metrics = serve_metrics(port, run="r1", rank=3)
     try:
-        metrics.step({"digits": 32}, 0.5, 0.1, 2.0, 1.9, 0.04)
+        metrics.step({"digits": 32}, 0.5, 0.1)
+        metrics.losses(2.0, 1.9, 0.04)
         first = scrape(port)
-        metrics.step({"digits": 32}, 0.5, 0.1, 1.5, 1.4, 0.03)
+        metrics.step({"digits": 32}, 0.5, 0.1)
+        metrics.losses(1.5, 1.4, 0.03)
         metrics.epoch(1)
         metrics.val_accuracy("digits", 0.75)
         second = scrape(port)

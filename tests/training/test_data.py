@@ -10,7 +10,7 @@ from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import read_manifest
 from training import order
-from training.data import EvalBatches, SplitReader, TrainBatches, build_loader, decode_image
+from training.data import EvalBatches, SplitReader, TrainBatches, build_loader
 
 PARTITIONS = 12  # served by 1, 2, 3, 4, 6 and 12 readers
 
@@ -191,29 +191,38 @@ def test_evaluation_covers_every_sample_once(shards, tmp_path, monkeypatch):
     assert read <= sum(s.bytes for s in manifest.shards("test"))
 
 
-def test_unusual_images_decode_to_rgb(tmp_path):
+def test_unusual_images_decode_to_uint8_rgb_crops():
     import io
 
     import numpy as np
     from PIL import Image
 
-    for mode, array in [
-        ("I;16", (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)),
-        ("RGBA", np.zeros((4, 4, 4), dtype=np.uint8)),
-        ("L", np.zeros((1, 1), dtype=np.uint8)),
+    from training.decode import decode_cpu, plan_crop
+
+    ramp = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    for mode, array, fmt in [
+        ("I;16", ramp, "PNG"),
+        ("RGBA", np.zeros((4, 4, 4), dtype=np.uint8), "PNG"),
+        ("L", np.zeros((1, 1), dtype=np.uint8), "PNG"),
+        ("CMYK", np.full((8, 8, 4), 40, dtype=np.uint8), "JPEG"),
+        ("L", ramp.astype(np.uint8), "JPEG"),
     ]:
         buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG")
-        img = decode_image(buf.getvalue())
-        assert img.mode == "RGB", mode
-    wide = decode_image(buf.getvalue())
-    assert wide.size == (1, 1)
+        Image.fromarray(array, mode=mode if mode == "CMYK" else None).save(buf, format=fmt)
+        crop = decode_cpu(buf.getvalue(), 4, lambda w, h: plan_crop(w, h, None))
+        assert crop.dtype == torch.uint8 and crop.shape == (3, 4, 4), mode
+        if mode == "I;16":  # scaled to 8 bits, not clipped at 255
+            assert 0 < crop.float().mean() < 200
 
 
 def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(shards):
+    import io
+
+    from PIL import Image
     from torchvision import transforms as T
 
-    from training.data import IMAGENET_MEAN, IMAGENET_STD, SplitReader, decode_image, to_input
+    from training.data import SplitReader
+    from training.decode import IMAGENET_MEAN, IMAGENET_STD, pil_to_rgb, to_input
 
     [(images, _, keys), *_] = collect(train_batches(shards, 0, 1, 64, augment=False))
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
@@ -223,5 +232,7 @@ def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(sh
     reference = T.Compose(
         [T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
-    expected = torch.stack([reference(decode_image(by_key[k].image)) for k in keys])
+    expected = torch.stack(
+        [reference(pil_to_rgb(Image.open(io.BytesIO(by_key[k].image)))) for k in keys]
+    )
     assert torch.equal(to_input(images, torch.device("cpu")), expected)  # bitwise

@@ -27,7 +27,7 @@ def test_shapes_that_divide_the_partitions_train_the_same_model(shards, small_co
             partitions=8,
         )
         outcome = run_training(cfg)
-        trained[workers] = load_state(outcome.checkpoint)["model"]
+        trained[workers] = load_state(outcome.checkpoint).model
     reference = trained[1]
     for workers in (2, 4):
         state = trained[workers]

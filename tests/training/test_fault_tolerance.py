@@ -138,6 +138,7 @@ def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capf
     )
     assert any(int(step) > 0 for step in resumed), "no restart resumed from a checkpoint"
     chaos = json.loads(Path(outcome["out"].result_file).read_text())
+    assert chaos["feature_cache"]  # so this also resumes inside runs from cached features
     assert chaos["fingerprint"] == result["fingerprint"]
     assert chaos["test_accuracy"] == result["test_accuracy"]
     assert_exactly_once(trained_history(cfg.sample_log), ref_history)

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from cluster.errors import UserError
 from cluster.world import World
 from training import resume
-from training.checkpoint import STATE_FILE, save_state
+from training.checkpoint import STATE_FILE, Position, TrainState, save_state
 from training.driver import run_training
 from training.resume import CHECKPOINT_NAME, SNAPSHOT_FILE, agree_on_state, repair_snapshot
 
@@ -122,7 +122,10 @@ def half_copied_run(run_dir: Path) -> bytes:
     """A run whose newest checkpoint is still being copied; returns its complete state.pt."""
     for name, step in ((OLDER, 4), (NEWEST, 8)):
         (run_dir / name).mkdir(parents=True)
-        save_state(run_dir / name, {"step": step})
+        state = TrainState(
+            {}, {}, {}, Position(step=step), {}, {}, [], {"weights": "none", "sha256": ""}
+        )
+        save_state(run_dir / name, state)
     state = run_dir / NEWEST / STATE_FILE
     complete = state.read_bytes()
     state.write_bytes(complete[: len(complete) // 2])
@@ -153,7 +156,7 @@ def _two_ranks(rank: int, port: int, root: str) -> None:
         warnings: list[str] = []
         try:
             state = agree_on_state(str(run_dir), NEWEST, world, warnings.append)
-            outcome[case] = {"step": state and state["step"], "warnings": warnings}
+            outcome[case] = {"step": state and state.step, "warnings": warnings}
         except UserError as e:
             outcome[case] = {"error": str(e), "warnings": warnings}
     dist.destroy_process_group()

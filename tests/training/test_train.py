@@ -57,7 +57,10 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
 
     def config(**overrides):
         return small_config(
-            shards, tmp_path, **{"name": "digits", "batch_size": 8, "epochs": 3, **overrides}
+            shards,
+            tmp_path,
+            # The image path (the other Ray runs mostly train from cached features).
+            **{"name": "digits", "batch_size": 8, "epochs": 3, "feature_cache": "off", **overrides},
         )
 
     cfg = config(metrics_port=port)
@@ -125,6 +128,15 @@ def test_train_errors_are_one_line(tmp_path, capsys, shards):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--batch-size" in err
+
+    base = ["train", "--data", shards, "--storage", str(tmp_path), "--name", "x"]
+    for flags, hint in [
+        (["--decode", "gpu"], "--gpus-per-worker"),
+        (["--feature-cache", "on", "--adapters", "layer4"], "--no-augment"),
+    ]:
+        code = main([*base, *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and hint in err, err
 
     code = main(["evaluate", "--checkpoint", str(tmp_path / "missing")])
     err = capsys.readouterr().err.strip()

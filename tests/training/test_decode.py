@@ -1,0 +1,125 @@
+"""Decoding: the CPU path and the device path (run here on the CPU) cut the same crops."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.decode import (
+    CROP_RATIO,
+    CROP_SCALE,
+    Encoded,
+    decode_cpu,
+    join_images,
+    plan_crop,
+    sample_rng,
+    to_device,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    """Real photos (scikit-learn's two samples), cut and saved as 320×240 JPEGs and a PNG."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for i, array in enumerate(load_sample_images().images * 3):
+        img = Image.fromarray(array[40 * i : 40 * i + 300, 60 * i : 60 * i + 400])
+        buf = io.BytesIO()
+        img.resize((320, 240)).save(buf, format="PNG" if i == 5 else "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def planner(place: int):
+    rng = sample_rng(seed=7, epoch=2, place=place)
+    return lambda w, h: plan_crop(w, h, rng)
+
+
+def test_crops_are_random_resized_crops_seeded_by_the_sample():
+    crops = [planner(place)(320, 240) for place in range(1000)]
+    for c in crops:
+        assert 0 <= c.top and c.top + c.height <= 240 and 0 <= c.left and c.left + c.width <= 320
+        assert CROP_SCALE[0] - 0.01 < c.height * c.width / (320 * 240) <= CROP_SCALE[1]
+        assert CROP_RATIO[0] - 0.02 < c.width / c.height < CROP_RATIO[1] + 0.02
+    assert 400 < sum(c.flip for c in crops) < 600
+    assert len({c[:4] for c in crops}) > 950  # a crop of its own for nearly every sample
+    # Reproducible whoever asks, and different from epoch to epoch.
+    again = [planner(place)(320, 240) for place in range(1000)]
+    other_epoch = [plan_crop(320, 240, sample_rng(7, 3, place)) for place in range(1000)]
+    assert again == crops and sum(a == b for a, b in zip(crops, other_epoch, strict=True)) < 5
+    assert plan_crop(320, 240, None) == (0, 40, 240, 240, False)  # Resize + CenterCrop's region
+
+
+@pytest.mark.parametrize("size", [224, 64])  # 64: DCT-scaled decode on the CPU path
+def test_cpu_and_device_paths_cut_the_same_crops(photos, size):
+    cpu = torch.stack([decode_cpu(data, size, planner(i)) for i, data in enumerate(photos)])
+    encoded = Encoded(size)
+    for i, data in enumerate(photos):
+        encoded.add(data, planner(i))
+    assert encoded.crops[0] == planner(0)(320, 240)
+    device = to_device(encoded, CPU)
+    assert device.dtype == torch.uint8 and device.shape == cpu.shape == (6, 3, size, size)
+    diff = (device.float() - cpu.float()).abs().mean(dim=(1, 2, 3))
+    # Same region, flip and size; only the decoder's scaling differs (a few grey levels).
+    assert diff.max() < (6 if size == 64 else 1.5), diff
+    # A crop that misses the region by a few pixels is far off: the check can fail.
+    shifted = [decode_cpu(d, size, lambda w, h, i=i: planner(i)(w, h)._replace(left=0))
+               for i, d in enumerate(photos)]  # fmt: skip
+    assert (torch.stack(shifted).float() - cpu.float()).abs().mean() > 10
+
+
+def test_files_the_device_cannot_take_are_decoded_on_the_cpu(photos):
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(photos[0])).convert("CMYK").save(cmyk, format="JPEG")
+    inputs = [photos[0], photos[5], cmyk.getvalue()]  # JPEG, PNG, CMYK JPEG
+    encoded = Encoded(32)
+    for i, data in enumerate(inputs):
+        encoded.add(data, planner(i))
+    assert [x is None for x in encoded.jpegs] == [False, True, True]
+    device = to_device(encoded, CPU)
+    for i in (1, 2):
+        assert torch.equal(device[i], decode_cpu(inputs[i], 32, planner(i)))
+
+
+def test_batches_join_and_reorder_alike_encoded_or_decoded(photos):
+    parts = []
+    for lo, hi in [(0, 2), (2, 6)]:
+        encoded = Encoded(16)
+        for i in range(lo, hi):
+            encoded.add(photos[i], planner(i))
+        parts.append(encoded)
+    decoded = [to_device(p, CPU) for p in parts]
+    order = torch.tensor([5, 0, 3, 1, 4, 2])
+    expected = torch.cat(decoded)[order]
+    assert torch.equal(join_images(decoded, order), expected)
+    assert torch.equal(to_device(join_images(parts, order), CPU), expected)
+
+
+def test_uint8_grey_jpeg_and_small_images_work():
+    grey = io.BytesIO()
+    Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10)).save(grey, format="JPEG")
+    out = decode_cpu(grey.getvalue(), 24, lambda w, h: plan_crop(w, h, None))
+    assert out.shape == (3, 24, 24) and torch.equal(out[0], out[1])
+
+
+def test_the_jpeg_header_gives_pils_size_and_refuses_what_the_device_cannot_take(photos):
+    from training.decode import jpeg_size
+
+    img = Image.open(io.BytesIO(photos[0]))
+    cases = {}
+    for name, mode, kw in [("rgb", "RGB", {}), ("progressive", "RGB", {"progressive": True}),
+                           ("grey", "L", {}), ("cmyk", "CMYK", {})]:  # fmt: skip
+        buf = io.BytesIO()
+        img.convert(mode).resize((123, 45)).save(buf, format="JPEG", **kw)
+        cases[name] = jpeg_size(buf.getvalue())
+    assert cases == {"rgb": (123, 45), "progressive": (123, 45), "grey": (123, 45), "cmyk": None}
+    assert jpeg_size(photos[5]) is None  # PNG
+    assert jpeg_size(photos[0][:100]) is None  # cut off before the frame header
+    assert jpeg_size(b"\xff\xd8" + b"\x00" * 50) is None
