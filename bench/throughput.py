@@ -47,9 +47,11 @@ from training.model import build_model  # noqa: E402
 from training.step import prepare_compute, train_step  # noqa: E402
 
 MODES = {
-    # compute image size, compute batch, timed steps, photos, loader workers
-    "cpu": dict(size=64, batch=32, steps=3, photos=600, workers=2),
-    "gpu": dict(size=224, batch=256, steps=30, photos=1500, workers=min(16, os.cpu_count() or 1)),
+    # compute image size, compute batch, timed steps, photos made, copies of each, loader workers
+    "cpu": dict(size=64, batch=32, steps=3, photos=800, copies=4, workers=2),
+    "gpu": dict(
+        size=224, batch=256, steps=30, photos=1500, copies=20, workers=min(16, os.cpu_count() or 1)
+    ),  # fmt: skip
 }
 
 
@@ -208,7 +210,7 @@ class Table:
         except Exception as e:  # noqa: BLE001 - one row failing must not lose the others
             self.rows.append((name, f"failed: {type(e).__name__}: {str(e)[:60]}", "", target))
             return float("nan")
-        ratio = f"{rate / anchor:.2f}×" if anchor else ""
+        ratio = f"{rate / anchor:.2f}×" if anchor and anchor == anchor else ""  # not NaN
         self.rows.append((name, f"{rate:,.0f}", ratio, target))
         print(f"  {name}: {rate:,.0f} images/s {ratio}", flush=True)
         return rate
@@ -241,7 +243,7 @@ def main() -> None:
     folder = work / "photos"
     if not folder.exists():
         write_photo_folder(folder, m["photos"], photos=args.photos)
-    replicate(folder, 4)
+    replicate(folder, m["copies"])
     shards = str(work / "shards")
     if not (Path(shards) / "manifest.json").exists():
         write_shards(folder, shards, shard_samples=500)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.functional import interpolate
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
@@ -233,10 +234,20 @@ def to_device(images: Images, device: torch.device) -> torch.Tensor:
     """uint8 NCHW on `device`: a plain copy, or the batched device decode of `Encoded`."""
     if not isinstance(images, Encoded):
         return images.to(device, non_blocking=True)
-    out = torch.empty(len(images), 3, images.size, images.size, dtype=torch.uint8, device=device)
+    return _device_pixels(images, device).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _device_pixels(images: Encoded, device: torch.device) -> torch.Tensor:
+    """The batch decoded on `device`, as float32 NCHW in 0..255: one batched decode, then per
+    sample a crop (a view), one antialiased bilinear resize and the flip, written in place."""
+    size = images.size
+    out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=device)
     todo = [i for i, data in enumerate(images.jpegs) if data is not None]
     for i, pixels in zip(todo, _decode_on(device, [images.jpegs[i] for i in todo]), strict=True):
-        out[i] = crop_resize(pixels, images.crops[i], images.size)
+        c = images.crops[i]
+        region = pixels[None, :, c.top : c.top + c.height, c.left : c.left + c.width].float()
+        resized = interpolate(region, (size, size), mode="bilinear", antialias=True)[0]
+        out[i] = resized.flip(-1) if c.flip else resized
     for i, pixels in images.done.items():
         out[i] = pixels.to(device, non_blocking=True)
     return out
@@ -262,8 +273,8 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW → ImageNet-normalised float32 (torchvision's ToTensor + Normalize, op for op,
-    so the same values), computed where the images are."""
+    """uint8 (or float in 0..255) NCHW → ImageNet-normalised float32, computed where the
+    images are; for uint8, torchvision's ToTensor + Normalize op for op, so the same values."""
     x = images.float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -273,4 +284,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 def to_input(images: Images, device: torch.device) -> torch.Tensor:
     """A loader batch → the model's input on `device`: the loader ships a quarter of the bytes
     of float32 (or only the compressed JPEGs), and the arithmetic runs where the model does."""
-    return normalize(to_device(images, device))
+    if isinstance(images, Encoded):
+        return normalize(_device_pixels(images, device))
+    return normalize(images.to(device, non_blocking=True))

@@ -236,3 +236,19 @@ def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(sh
         [reference(pil_to_rgb(Image.open(io.BytesIO(by_key[k].image)))) for k in keys]
     )
     assert torch.equal(to_input(images, torch.device("cpu")), expected)  # bitwise
+
+
+def test_device_decode_batches_match_cpu_decode_batches_through_loader_workers(shards):
+    """--decode gpu's loader (workers ship JPEG bytes and crops), decoded here on the CPU."""
+    from training.decode import Encoded, to_device
+
+    cpu = collect(train_batches(shards, 1, 2, 16), loader_workers=2)
+    device = train_batches(shards, 1, 2, 16)
+    device.device_decode = True
+    encoded = collect(device, loader_workers=2)
+    assert keys(encoded) == keys(cpu)
+    for (images, labels, _), (cpu_images, cpu_labels, _) in zip(encoded, cpu, strict=True):
+        assert isinstance(images, Encoded) and torch.equal(labels, cpu_labels)
+        decoded = to_device(images, torch.device("cpu"))
+        assert decoded.shape == cpu_images.shape
+        assert (decoded.float() - cpu_images.float()).abs().mean() < 2
