@@ -1,10 +1,11 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
 Reads top to bottom: build the model, restore the newest readable checkpoint if the run is
-being resumed (mid-epoch included), then per step: one batch of every dataset, forward, the
-meta-loss, backward, optimizer; every --checkpoint-every-steps steps and at each epoch's end a
-checkpoint; after each epoch validation. Every rank calls `ray.train.report` (it is a barrier);
-rank 0 attaches the checkpoint files.
+being resumed (mid-epoch included), fill the feature cache where it applies
+(`training.features`), then per step: one batch of every dataset (images, or their cached
+features), `training.step.train_step`; every --checkpoint-every-steps steps and at each
+epoch's end a checkpoint (a typed `TrainState`); after each epoch validation. Every rank calls
+`ray.train.report` (it is a barrier); rank 0 attaches the checkpoint files.
 """
 
 from __future__ import annotations
@@ -114,14 +115,8 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
     train_sets = [
         TrainBatches.from_config(
-            d,
-            m,
-            "train",
-            cfg,
-            world,
-            with_keys=cfg.sample_log is not None,
-            device_decode=device_decode,
-        )  # fmt: skip
+            d, m, "train", cfg, world, with_keys=bool(cfg.sample_log), device_decode=device_decode
+        )
         for d, m in zip(cfg.data, manifests, strict=True)
     ]
     cache = None
@@ -177,9 +172,10 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         for i in range(steps):
             batch = [next(it) for it in loaders]
             ready = time.perf_counter()
-            x = torch.cat([x[0] if cache else to_input(x[0], device) for x in batch])
-            targets = [x[1].to(device, non_blocking=True) for x in batch]
-            sums.add(train_step(ddp_model, x, targets, optimizer, loss_fn))
+            # Cached features are already on the device; images are decoded/normalised there.
+            inputs = torch.cat([b[0] if cache else to_input(b[0], device) for b in batch])
+            targets = [b[1].to(device, non_blocking=True) for b in batch]
+            sums.add(train_step(ddp_model, inputs, targets, optimizer, loss_fn))
             if log:
                 for d, x in enumerate(batch):
                     log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{' '.join(x[2])}\n")
