@@ -196,6 +196,10 @@ class Manifest:
         }
         return (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode()
 
+    def digest(self) -> str:
+        """sha256 of the manifest's canonical form: changes when prep writes other data."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
         try:

@@ -64,6 +64,8 @@ class TrainState:
     classes: list[list[str]]
     backbone: dict[str, str]
     """{"weights": what --weights said, "sha256": `MetaModel.backbone_fingerprint()`}."""
+    datasets: list[str] = field(default_factory=list)
+    """sha256 of each dataset's manifest when the run started (empty in older checkpoints)."""
 
     @property
     def step(self) -> int:
@@ -89,6 +91,7 @@ class TrainState:
             config=dict(d["config"]),
             classes=[list(c) for c in d["classes"]],
             backbone={"weights": str(d["backbone"]["weights"]), "sha256": d["backbone"]["sha256"]},
+            datasets=[str(x) for x in d.get("datasets", [])],
         )
 
 

@@ -24,7 +24,7 @@ from training import order
 from training.config import TrainConfig
 from training.features import cache_applies
 from training.loop import train_loop_per_worker
-from training.model import load_resnet50
+from training.model import WEIGHT_ENUMS, load_resnet50
 from training.resume import repair_snapshot
 
 RESULT_FILE = "result.json"
@@ -88,8 +88,13 @@ def check_workers(cfg: TrainConfig) -> None:
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     s3.set_endpoint(cfg.s3_endpoint)
     cfg.s3_endpoint = s3.endpoint()  # the workers get it explicitly (their env is fixed)
+    # Workers run elsewhere, in another directory: every path leaves the driver absolute.
     cfg.data = [storage.normalize(d) for d in cfg.data]
     cfg.storage = storage.normalize(cfg.storage)
+    if cfg.weights not in (*WEIGHT_ENUMS, "none"):
+        cfg.weights = storage.normalize(cfg.weights)
+    cfg.sample_log = cfg.sample_log and storage.normalize(cfg.sample_log)
+    cfg.cache_dir = cfg.cache_dir and storage.normalize(cfg.cache_dir)
     preflight(cfg)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)

@@ -47,8 +47,15 @@ NO_BUFFER_SYNC = (
 )
 
 
-def dataset_label(location: str) -> str:
-    return location.rstrip("/").rsplit("/", 1)[-1] or location
+def dataset_labels(locations: list[str]) -> list[str]:
+    """A short, distinct name per dataset for metrics and results: its folder name, with as
+    many parent folders as it takes to tell datasets apart (`a/flowers`, `b/flowers`)."""
+    parts = [[p for p in loc.rstrip("/").split("/") if p] or [loc] for loc in locations]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}:{loc}" for i, loc in enumerate(locations)]  # the same location twice
 
 
 def say(message: str) -> None:
@@ -86,6 +93,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     manifests = [read_manifest(d) for d in cfg.data]
     model = build_model(cfg.weights, [len(m.classes) for m in manifests], cfg.adapters, cfg.seed)
     backbone_sha = model.backbone_fingerprint()
+    digests = [m.digest() for m in manifests]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
     loss_fn = MetaLoss(cfg.meta_lambda)
@@ -94,7 +102,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     pos = Position()
     state = restore_state(cfg, world, say)
     if state:
-        check_resumable(state, cfg, backbone_sha)
+        check_resumable(state, cfg, backbone_sha, digests)
         model.load_trainable(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -111,7 +119,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     if cfg.compile:
         ddp_model = torch.compile(ddp_model)
     urls = _gather(metrics.url, world)
-    names = [dataset_label(d) for d in cfg.data]
+    names = dataset_labels(cfg.data)
     device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
     train_sets = [
         TrainBatches.from_config(
@@ -154,6 +162,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             config=cfg.to_dict(),
             classes=[m.classes for m in manifests],
             backbone={"weights": cfg.weights, "sha256": backbone_sha},
+            datasets=digests,
         )
         _report(record, state)
 

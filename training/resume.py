@@ -155,7 +155,11 @@ def _silent(_: str) -> None:
     pass
 
 
-def check_resumable(state: TrainState, cfg: TrainConfig, backbone_sha: str) -> None:
+def check_resumable(
+    state: TrainState, cfg: TrainConfig, backbone_sha: str, datasets: list[str]
+) -> None:
+    """Refuse, in one line, to resume onto another model, order or data. `datasets`: each
+    dataset's manifest digest now (`manifest_digest`)."""
     before = state.config
     changed = [f for f in IDENTITY_FIELDS if before.get(f) != getattr(cfg, f)]
     if changed:
@@ -168,4 +172,13 @@ def check_resumable(state: TrainState, cfg: TrainConfig, backbone_sha: str) -> N
         raise UserError(
             f"--weights {cfg.weights} now gives a different backbone than the one run "
             f"{cfg.name!r} was trained with; start a new run with another --name"
+        )
+    changed_data = [
+        d for d, before, now in zip(cfg.data, state.datasets, datasets, strict=False)
+        if before != now
+    ]  # fmt: skip
+    if changed_data:
+        raise UserError(
+            f"{changed_data[0]} changed since run {cfg.name!r} started (prepared again?); "
+            "resume with the data it started with, or start a new run with another --name"
         )

@@ -188,3 +188,16 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path, monkeypatch):
     assert rank0[broke]["step"] == 4
     assert "step" not in rank1[broke]
     assert f"cannot read checkpoint {OLDER}, which rank 0 resumes from" in rank1[broke]["error"]
+
+
+def test_resuming_onto_re_prepared_data_is_one_line(shards):
+    from training.config import TrainConfig
+    from training.resume import check_resumable
+
+    cfg = TrainConfig(data=[shards], name="r")
+    state = TrainState({}, {}, {}, Position(), {}, cfg.to_dict(), [], {"weights": cfg.weights,
+                       "sha256": "b"}, datasets=["d1"])  # fmt: skip
+    check_resumable(state, cfg, "b", ["d1"])  # the same data: fine
+    with pytest.raises(UserError, match=f"{shards} changed since run 'r' started") as e:
+        check_resumable(state, cfg, "b", ["d2"])
+    assert "\n" not in str(e.value)

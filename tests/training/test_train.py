@@ -161,3 +161,41 @@ def test_shapes_that_cannot_serve_the_partitions_are_refused_in_one_line(tmp_pat
     # A range whose every worker count serves the partitions is accepted.
     flags = ["--workers", "2-4", "--loader-workers", "1", "--partitions", "12"]
     check_workers(config_from_args(build_parser().parse_args([*base, *flags])))
+
+
+def test_relative_paths_adapters_two_datasets_and_augmentation_through_the_driver(
+    shards, small_config, tmp_path, monkeypatch
+):
+    """As a user types it: relative --weights and --data (two datasets in folders of the same
+    name), adapters, augmentation on; the workers run elsewhere, in another directory."""
+    import shutil
+
+    import torch
+    from torchvision.models import resnet50
+
+    for parent in ("a", "b"):
+        shutil.copytree(shards, tmp_path / parent / "digits")
+    torch.manual_seed(0)
+    torch.save(resnet50(weights=None).state_dict(), tmp_path / "w.pth")
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config("a/digits", "runs", weights="w.pth", adapters=["layer4"], augment=True,
+                       epochs=1, batch_size=8, name="rel")  # fmt: skip
+    cfg.data.append("b/digits")
+    outcome = run_training(cfg)
+    result = json.loads(Path(outcome.result_file).read_text())
+    assert result["config"]["weights"] == str(tmp_path / "w.pth")
+    assert result["config"]["data"] == [str(tmp_path / "a/digits"), str(tmp_path / "b/digits")]
+    assert set(result["test_accuracy_per_dataset"]) == {"a/digits", "b/digits"}
+    assert result["feature_cache"] is False  # adapters and augmentation: the image path
+
+
+def test_dataset_labels_are_distinct():
+    from training.loop import dataset_labels
+
+    assert dataset_labels(["/x/a/flowers", "/y/b/flowers", "/z/c/digits"]) == [
+        "a/flowers",
+        "b/flowers",
+        "c/digits",
+    ]
+    assert dataset_labels(["s3://bucket/ds/flowers", "/data/digits"]) == ["flowers", "digits"]
+    assert len(set(dataset_labels(["/d/x", "/d/x"]))) == 2
