@@ -53,6 +53,35 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def load_hub_weights(url: str) -> dict[str, torch.Tensor]:
+    """torchvision's weights file at `url`, from torch.hub's cache (downloaded once), its
+    sha256 checked against the prefix in its name (`resnet50-11ad3fa6.pth`) every time, not
+    only after a download, and unpickled with `weights_only=True`."""
+    name = url.rsplit("/", 1)[-1]
+    match = torch.hub.HASH_REGEX.search(name)
+    prefix = match.group(1) if match else ""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=False)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            raise UserError(
+                f"cannot fetch the ImageNet weights for resnet50 ({e}); download them where "
+                "there is internet and pass --weights PATH, or use --weights none"
+            ) from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if not h.hexdigest().startswith(prefix):
+        raise UserError(
+            f"{path} does not match the sha256 in its name (a damaged or replaced download); "
+            "delete it and run again"
+        )
+    return _load_weights_file(str(path))
+
+
 def load_resnet50(weights: str, seed: int) -> nn.Module:
     """A torchvision ResNet-50 with `weights`; `none` is a random init seeded by `seed`."""
     # Seed even for pretrained weights: `fc` is initialised randomly before being replaced.
@@ -61,13 +90,7 @@ def load_resnet50(weights: str, seed: int) -> nn.Module:
     if weights == "none":
         return net
     if weights in WEIGHT_ENUMS:
-        try:
-            state = WEIGHT_ENUMS[weights].get_state_dict(progress=False, check_hash=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as e:
-            raise UserError(
-                f"cannot fetch the ImageNet weights for resnet50 ({e}); download them where "
-                "there is internet and pass --weights PATH, or use --weights none"
-            ) from None
+        state = load_hub_weights(WEIGHT_ENUMS[weights].url)
     else:
         state = _load_weights_file(weights)
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -140,3 +140,39 @@ def test_random_init_is_seeded():
     b = build_model("none", [10], seed=3).backbone_fingerprint()
     c = build_model("none", [10], seed=4).backbone_fingerprint()
     assert a == b != c
+
+
+def test_cached_imagenet_weights_are_hash_checked_and_never_unpickle_code(tmp_path, monkeypatch):
+    """torchvision's file names carry a sha256 prefix: a cached file is checked on every load,
+    not only after its download, and read with weights_only=True."""
+    import functools
+    import hashlib
+    import io
+    import os
+
+    from torchvision.models import resnet50
+
+    from training.model import load_hub_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+
+    def cached(obj) -> str:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        name = f"resnet50-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}.pth"
+        (cache / name).write_bytes(buf.getvalue())
+        return f"https://download.invalid/models/{name}"  # never fetched: it is cached
+
+    state = resnet50(weights=None).state_dict()
+    url = cached(state)
+    assert torch.equal(load_hub_weights(url)["fc.weight"], state["fc.weight"])
+    damaged = cache / url.rsplit("/", 1)[-1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="does not match the sha256 in its name"):
+        load_hub_weights(url)
+    with pytest.raises(UserError, match="not a PyTorch state_dict"):
+        load_hub_weights(cached({"run": functools.partial(os.system, "true")}))
