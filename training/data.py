@@ -39,6 +39,7 @@ from training.decode import (
     plan_crop,
     sample_rng,
 )
+from training.model import eval_center
 from training.shard_cache import ShardCache
 
 
@@ -99,12 +100,13 @@ class _Batches(IterableDataset):
         cache_size: int = 0,
         with_keys: bool = False,
         device_decode: bool = False,
+        center: float = 1.0,
     ) -> None:
         self.dataset, self.shards, self.world = dataset, shards, world
         self.batch_size, self.seed, self.num_classes = batch_size, seed, num_classes
         self.augment, self.image_size = augment, image_size
         self.cache_dir, self.cache_size = cache_dir, cache_size
-        self.with_keys, self.device_decode = with_keys, device_decode
+        self.with_keys, self.device_decode, self.center = with_keys, device_decode, center
         self.total = sum(s.num_samples for s in shards)
         self.epoch = 0
 
@@ -144,7 +146,7 @@ class _Batches(IterableDataset):
             if not 0 <= sample.label < self.num_classes:
                 raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
             rng = sample_rng(self.seed, self.epoch, place) if self.augment else None
-            plan = partial(plan_crop, rng=rng)
+            plan = partial(plan_crop, rng=rng, center=self.center)
             if self.device_decode:
                 encoded.add(sample.image, plan)
             else:
@@ -308,6 +310,12 @@ class EvalBatches(_Batches):
     def __init__(self, *args, runs: list[range] | None = None, **kwargs) -> None:
         super().__init__(*args, augment=False, **kwargs)
         self.runs = runs
+
+    @classmethod
+    def from_config(cls, dataset, manifest, split, cfg, world, **kw):
+        """With the weights' own eval transform (`training.model.eval_center`)."""
+        kw.setdefault("center", eval_center(cfg.weights))
+        return super().from_config(dataset, manifest, split, cfg, world, **kw)
 
     def batches(self) -> list[range]:
         runs = [self.world.rank_range(self.total)] if self.runs is None else self.runs

@@ -54,12 +54,12 @@ class Crop(NamedTuple):
     flip: bool
 
 
-def plan_crop(width: int, height: int, rng: random.Random | None) -> Crop:
+def plan_crop(width: int, height: int, rng: random.Random | None, center: float = 1.0) -> Crop:
     """A random resized crop (`rng` given: torchvision's RandomResizedCrop algorithm, drawn
-    from the sample's own generator) or the centre crop that Resize(size) + CenterCrop(size)
-    keeps (no rng)."""
+    from the sample's own generator) or, without rng, the centre square that Resize(r) +
+    CenterCrop(c) keeps, `center` = c / r (a weights' eval transform: 224 / 232, 224 / 256)."""
     if rng is None:
-        side = min(width, height)
+        side = max(1, round(min(width, height) * center))
         return Crop(round((height - side) / 2), round((width - side) / 2), side, side, False)
     area, log_ratio = width * height, [math.log(r) for r in CROP_RATIO]
     for _ in range(10):

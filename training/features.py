@@ -36,7 +36,7 @@ from training import order
 from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
 from training.decode import to_input
-from training.model import MetaModel
+from training.model import MetaModel, eval_center
 from training.step import autocast
 
 PIECE = 4096
@@ -67,7 +67,7 @@ def cache_key(
         "format": 1,
         "backbone": backbone_sha,
         "image_size": cfg.image_size,
-        "crop": "resize-center",
+        "crop": ["resize-center", _center(cfg, split)],
         "decode": "gpu" if device.type == "cuda" and cfg.decode != "cpu" else "cpu",
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "shards": [[s.name, s.sha256] for s in manifest.shards(split)],
@@ -136,7 +136,7 @@ class FeatureCache:
         cfg = replace(self.cfg, batch_size=max(self.cfg.batch_size, FILL_BATCH))
         batches = EvalBatches.from_config(
             dataset, manifest, split, cfg, self.world, runs=runs, with_keys=True,
-            device_decode=self.device_decode,
+            device_decode=self.device_decode, center=_center(cfg, split),
         )  # fmt: skip
         batch_iter = iter(build_loader(batches, self.cfg.loader_workers))
         self.model.eval()
@@ -171,6 +171,12 @@ class FeatureCache:
             wanted = torch.ones(total, dtype=torch.bool)
             self._eval[where] = _load(where, self._mine(total), self._pieces(total), wanted)
         return self._eval[where]
+
+
+def _center(cfg: TrainConfig, split: str) -> float:
+    """Training sees the whole short side (Resize + CenterCrop to the image size); evaluation
+    the weights' own eval transform."""
+    return 1.0 if split == "train" else eval_center(cfg.weights)
 
 
 def _piece_url(where: str, i: int) -> str:

@@ -53,6 +53,15 @@ def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def eval_center(weights: str) -> float:
+    """The share of the short side the weights' own eval transform keeps (crop / resize:
+    224 / 232 for IMAGENET1K_V2, 224 / 256 for V1); 1 for other weights, which have none."""
+    if weights not in WEIGHT_ENUMS:
+        return 1.0
+    transform = WEIGHT_ENUMS[weights].transforms()
+    return transform.crop_size[0] / transform.resize_size[0]
+
+
 def load_hub_weights(url: str) -> dict[str, torch.Tensor]:
     """torchvision's weights file at `url`, from torch.hub's cache (downloaded once), its
     sha256 checked against the prefix in its name (`resnet50-11ad3fa6.pth`) every time, not

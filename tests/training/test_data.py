@@ -252,3 +252,22 @@ def test_device_decode_batches_match_cpu_decode_batches_through_loader_workers(s
         decoded = to_device(images, torch.device("cpu"))
         assert decoded.shape == cpu_images.shape
         assert (decoded.float() - cpu_images.float()).abs().mean() < 2
+
+
+def test_evaluation_uses_the_weights_own_eval_transform(shards):
+    """Resize 232 → crop 224 for IMAGENET1K_V2 (256 for V1): the centre 224/232 of the short
+    side, scaled to the image size; weights without a transform keep the whole short side."""
+    from training.config import TrainConfig
+    from training.decode import plan_crop
+
+    assert plan_crop(500, 375, None, 224 / 256) == (24, 86, 328, 328, False)
+    manifest = read_manifest(shards)
+    batches = {
+        w: EvalBatches.from_config(
+            shards, manifest, "test", TrainConfig(weights=w, batch_size=16, image_size=32), World()
+        )  # fmt: skip
+        for w in ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
+    }
+    assert [b.center for b in batches.values()] == [224 / 256, 224 / 232, 1.0]
+    first = {w: next(iter(build_loader(b, 0)))[0] for w, b in batches.items()}
+    assert not torch.equal(first["IMAGENET1K_V2"], first["none"])
