@@ -32,21 +32,43 @@ TRANSFER = TransferConfig(
     multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4
 )
 ATTEMPTS = 8
-# A body cut off mid-stream or a dropped connection: botocore retries the request, not the
-# read of its body, so whole-object operations are retried here.
-TRANSIENT = (
+"""botocore's attempts per request (connection errors, timeouts, 5xx, throttling): the one
+retry layer for requests. An endpoint that accepts connections but never answers is reported
+after ATTEMPTS × --s3-timeout plus backoff (8 minutes at the default 60 s); one that refuses
+connections within seconds."""
+DEFAULT_TIMEOUT = 60.0
+BODY_ATTEMPTS = 8
+"""Our own layer, only for what botocore does not retry: a body cut off while being read."""
+BODY_ERRORS = (
     bx.IncompleteReadError,
     bx.ResponseStreamingError,
     bx.ReadTimeoutError,
     bx.ConnectionClosedError,
-    bx.EndpointConnectionError,
     ConnectionError,
     TimeoutError,
 )
+
+
+class CutBody(Exception):
+    """A response body that ended early or broke while being read (retried by `retry`)."""
+
+
+def read_body(response: dict, expected: int | None = None) -> bytes:
+    """The body of a GET, all of it (`expected` bytes, default its ContentLength)."""
+    try:
+        data = response["Body"].read()
+    except BODY_ERRORS as e:
+        raise CutBody(f"{type(e).__name__}") from e
+    if len(data) != (response["ContentLength"] if expected is None else expected):
+        raise CutBody(f"{len(data)} of {expected or response['ContentLength']} bytes")
+    return data
+
+
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 
 _clients: dict[int, object] = {}
 _client_lock = threading.Lock()
+_timeout = DEFAULT_TIMEOUT
 
 
 def _after_fork_in_child() -> None:
@@ -69,6 +91,21 @@ def set_endpoint(url: str | None) -> None:
         _clients.clear()
 
 
+def set_timeout(seconds: float | None) -> None:
+    """Seconds to wait for a connection (at most 10) or for an answer, per attempt
+    (`--s3-timeout`; passed explicitly to Ray tasks and workers, like the endpoint)."""
+    global _timeout
+    if seconds and seconds != _timeout:
+        if seconds <= 0:
+            raise UserError(f"--s3-timeout must be more than 0 seconds, not {seconds}")
+        _timeout = float(seconds)
+        _clients.clear()
+
+
+def timeout() -> float:
+    return _timeout
+
+
 def client():
     """A client for this process (boto3 clients must not cross a fork, so keyed by pid)."""
     pid = os.getpid()
@@ -82,8 +119,8 @@ def client():
             logging.getLogger("botocore").setLevel(logging.WARNING)
             config = Config(
                 retries={"mode": "adaptive", "total_max_attempts": ATTEMPTS},
-                connect_timeout=10,
-                read_timeout=60,
+                connect_timeout=min(10.0, _timeout),
+                read_timeout=_timeout,
                 max_pool_connections=32,
             )
             _clients[pid] = boto3.session.Session().client("s3", config=config)
@@ -134,26 +171,27 @@ def user_error(e: Exception, url: str) -> UserError:
         return UserError(f"{url}: invalid bucket name or key; write s3://BUCKET/PREFIX")
     if isinstance(e, bx.BotoCoreError):
         return UserError(f"S3 request for {url} failed ({type(e).__name__}) at {where}")
+    if isinstance(e, CutBody | ConnectionError | TimeoutError):
+        return UserError(
+            f"reading {url} from {where} kept breaking off ({e or type(e).__name__}); check "
+            "the network and the server"
+        )
     raise e
 
 
 def retry(operation: Callable[[], T], url: str) -> T:
-    """Run `operation`, retrying transient failures with jittered backoff; errors → UserError."""
-    for attempt in range(ATTEMPTS):
+    """Run `operation`; a cut-off body is read again (jittered backoff), any other error has
+    had botocore's retries already and becomes a UserError at once."""
+    for attempt in range(BODY_ATTEMPTS):
         try:
             return operation()
-        except TRANSIENT as e:
-            if attempt == ATTEMPTS - 1 or _is_unreachable(e, attempt):
+        except CutBody as e:
+            if attempt == BODY_ATTEMPTS - 1:
                 raise user_error(e, url) from None
             time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-        except (bx.BotoCoreError, bx.ClientError) as e:
+        except (bx.BotoCoreError, bx.ClientError, *BODY_ERRORS) as e:
             raise user_error(e, url) from None
     raise AssertionError("unreachable")
-
-
-def _is_unreachable(e: Exception, attempt: int) -> bool:
-    # Nothing listens there: botocore has already retried the connection; do not again.
-    return isinstance(e, bx.EndpointConnectionError)
 
 
 def _is_missing(e: bx.ClientError) -> bool:
@@ -189,13 +227,7 @@ def read_bytes(url: str) -> bytes:
     bucket, key = split(url)
 
     def op() -> bytes:
-        response = client().get_object(Bucket=bucket, Key=key)
-        data = response["Body"].read()
-        if len(data) != response["ContentLength"]:
-            raise bx.IncompleteReadError(
-                actual_bytes=len(data), expected_bytes=response["ContentLength"]
-            )
-        return data
+        return read_body(client().get_object(Bucket=bucket, Key=key))
 
     return retry(op, url)
 
@@ -215,12 +247,9 @@ def _get_range(bucket: str, key: str, url: str, start: int, stop: int) -> bytes:
         if str(e.response.get("Error", {}).get("Code")) != "InvalidRange":
             raise
         raise _shorter(url, stop) from None  # the range starts at or past the object's end
-    data = response["Body"].read()
-    if len(data) != stop - start:
-        if len(data) == response["ContentLength"] < stop - start:  # whole: the object ends early
-            raise _shorter(url, stop)
-        raise bx.IncompleteReadError(actual_bytes=len(data), expected_bytes=stop - start)
-    return data
+    if response["ContentLength"] < stop - start:  # all there is: the object ends early
+        raise _shorter(url, stop)
+    return read_body(response, stop - start)
 
 
 def _shorter(url: str, size: int) -> UserError:

@@ -101,6 +101,13 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS S3)",
     )
     p.add_argument(
+        "--s3-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="per attempt of an S3 request (botocore makes 8) (default: %(default)s)",
+    )
+    p.add_argument(
         "--pushgateway",
         metavar="URL",
         help="push the run's metrics to this Prometheus Pushgateway, e.g. "
@@ -128,6 +135,7 @@ def run_prep(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             address=args.address,
             s3_endpoint=args.s3_endpoint,
+            s3_timeout=args.s3_timeout,
         )
     except BaseException:
         pusher.push_failure(time.monotonic() - started)

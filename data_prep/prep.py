@@ -90,6 +90,7 @@ def prep(
     address: str | None = None,
     progress: Progress | None = None,
     s3_endpoint: str | None = None,
+    s3_timeout: float | None = None,
 ) -> Manifest:
     """Prepare `src` into shards and a manifest at `dst`; returns the manifest written.
 
@@ -112,6 +113,7 @@ def prep(
         shard_size = DEFAULT_SHARD_SIZE
     progress = progress or Progress()
     s3.set_endpoint(s3_endpoint)
+    s3.set_timeout(s3_timeout)
 
     if "://" in src:
         raise UserError(
@@ -240,7 +242,8 @@ def _write_shards(
     task = ray.remote(num_cpus=1, scheduling_strategy=strategy)(write_shard)
     endpoint = s3.endpoint() if storage.is_s3(dst) else None
     refs = [
-        task.remote(src, storage.join(dst, job.name), job.images, classes, endpoint) for job in jobs
+        task.remote(src, storage.join(dst, job.name), job.images, classes, endpoint, s3.timeout())
+        for job in jobs
     ]
     total = sum(len(job.images) for job in jobs)
     progress.start(f"writing {len(jobs)} shards", total, "images")

@@ -28,14 +28,16 @@ def write_shard(
     images: list[ValidImage],
     classes: list[str],
     endpoint: str | None = None,
+    timeout: float | None = None,
 ) -> tuple[Shard, bool]:
     """Write one shard from the source files. Returns the shard and whether `url` already held
     exactly its bytes (left by an interrupted run), so that nothing was uploaded.
 
-    `endpoint` is the driver's S3 endpoint: a Ray worker's environment is fixed when its node
-    starts, so the driver's --s3-endpoint reaches the task only as an argument.
+    `endpoint` and `timeout` are the driver's S3 settings: a Ray worker's environment is fixed
+    when its node starts, so the driver's --s3-endpoint reaches the task only as an argument.
     """
     s3.set_endpoint(endpoint)
+    s3.set_timeout(timeout)
     tmp = _temporary_file(url)
     try:
         # On disk, not in memory: a shard may be gigabytes.

@@ -224,6 +224,14 @@ def add_s3_endpoint_flag(p) -> None:
         help="S3-compatible endpoint, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL_S3 or "
         "AWS_ENDPOINT_URL; credentials come only from the standard AWS chain)",
     )
+    p.add_argument(
+        "--s3-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="per attempt of an S3 request (botocore makes 8): a hung endpoint is reported "
+        "after about 8 × this (default: %(default)s)",
+    )
 
 
 def _size(text: str) -> int:
@@ -316,6 +324,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_checkpoint
 
     s3.set_endpoint(args.s3_endpoint)
+    s3.set_timeout(args.s3_timeout)
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.loader_workers)
     print(f"{'dataset':<50} {'samples':>8} {'accuracy':>9}")
     for dataset, accuracy, n in results:

@@ -78,6 +78,8 @@ class TrainConfig:
 
     s3_endpoint: str | None = None
     """S3 endpoint URL for s3:// locations (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)."""
+    s3_timeout: float = 60.0
+    """Seconds an S3 request waits for an answer, per attempt (botocore makes 8)."""
     cache_dir: str | None = None
     """Keep shards read from S3 on local disk here, for later epochs."""
     cache_size: int = 10 * 10**9

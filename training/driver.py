@@ -87,6 +87,7 @@ def check_workers(cfg: TrainConfig) -> None:
 
 def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     s3.set_endpoint(cfg.s3_endpoint)
+    s3.set_timeout(cfg.s3_timeout)
     cfg.s3_endpoint = s3.endpoint()  # the workers get it explicitly (their env is fixed)
     # Workers run elsewhere, in another directory: every path leaves the driver absolute.
     cfg.data = [storage.normalize(d) for d in cfg.data]

@@ -79,6 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig.from_dict(config)
     # This process's environment was fixed when its node started: take the driver's endpoint.
     s3.set_endpoint(cfg.s3_endpoint)
+    s3.set_timeout(cfg.s3_timeout)
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
     metrics = serve_metrics(port, cfg.name, world.rank)

@@ -368,3 +368,34 @@ def test_prep_with_wrong_credentials_exits_2_with_one_line(
 def test_prep_to_an_s3_url_without_bucket_exits_2_with_one_line(s3, tiny_imagefolder, capsys):
     err = run_prep_cli(tiny_imagefolder, "s3://", capsys)
     assert "not an S3 URL" in err
+
+
+def test_a_hung_endpoint_is_reported_after_one_layer_of_retries(s3):
+    """An endpoint that accepts connections and never answers: botocore's attempts, each
+    waiting --s3-timeout, and no second retry layer on top (8, not 8 × 8, connections)."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept()[0])  # and never answer
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    s3_module.set_endpoint(hung)
+    s3_module.set_timeout(0.5)
+    try:
+        with pytest.raises(UserError) as excinfo:
+            storage.read_bytes("s3://bucket/run/manifest.json")
+    finally:
+        s3_module.set_timeout(s3_module.DEFAULT_TIMEOUT)
+        listener.close()
+    assert hung in one_line_error(excinfo)
+    assert 1 <= len(accepted) <= s3_module.ATTEMPTS, len(accepted)
