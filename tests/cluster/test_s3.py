@@ -373,6 +373,7 @@ def test_prep_to_an_s3_url_without_bucket_exits_2_with_one_line(s3, tiny_imagefo
 def test_a_hung_endpoint_is_reported_after_one_layer_of_retries(s3):
     """An endpoint that accepts connections and never answers: botocore's attempts, each
     waiting --s3-timeout, and no second retry layer on top (8, not 8 × 8, connections)."""
+    import contextlib
     import socket
 
     listener = socket.socket()
@@ -381,11 +382,9 @@ def test_a_hung_endpoint_is_reported_after_one_layer_of_retries(s3):
     accepted: list[socket.socket] = []
 
     def accept() -> None:
-        while True:
-            try:
+        with contextlib.suppress(OSError):  # until the listener closes
+            while True:
                 accepted.append(listener.accept()[0])  # and never answer
-            except OSError:
-                return
 
     threading.Thread(target=accept, daemon=True).start()
     hung = f"http://127.0.0.1:{listener.getsockname()[1]}"
