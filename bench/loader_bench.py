@@ -26,25 +26,29 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import TrainBatches, build_loader  # noqa: E402
 
 
-def measure(args: argparse.Namespace) -> tuple[int, float]:
-    """(images, seconds) for `args.batches` batches after a warm-up one."""
-    dataset = storage.normalize(args.data)
+def train_batches(
+    data: str, batch_size: int, image_size: int, augment: bool, **kw
+) -> tuple[TrainBatches, TrainConfig]:
+    """One rank's training batches of a prepared dataset, with the order's defaults that
+    `metatrainer train` would resolve for it."""
+    dataset = storage.normalize(data)
     manifest = read_manifest(dataset)
     shards = manifest.shards("train")
     total = sum(s.num_samples for s in shards)
     partitions, block = order.resolve(None, None, [(total, sum(s.bytes for s in shards))])
-    cfg = TrainConfig(
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        augment=args.augment,
-        loader_workers=args.loader_workers,
-        partitions=partitions,
-        shuffle_block=block,
-    )
-    batches = TrainBatches.from_config(dataset, manifest, "train", cfg, World())
+    cfg = TrainConfig(batch_size=batch_size, image_size=image_size, augment=augment,
+                      partitions=partitions, shuffle_block=block)  # fmt: skip
+    return TrainBatches.from_config(dataset, manifest, "train", cfg, World(), **kw), cfg
+
+
+def measure(args: argparse.Namespace) -> tuple[int, float]:
+    """(images, seconds) for `args.batches` batches after a warm-up one."""
+    batches, cfg = train_batches(args.data, args.batch_size, args.image_size, args.augment)
     if len(batches) < 2:
-        raise UserError(f"{dataset}: the train split has fewer than 2 batches of {cfg.batch_size}")
-    loader = iter(build_loader(batches, cfg.loader_workers))
+        raise UserError(
+            f"{args.data}: the train split has fewer than 2 batches of {cfg.batch_size}"
+        )
+    loader = iter(build_loader(batches, args.loader_workers))
     next(loader)
     images, start = 0, time.perf_counter()
     for _, (_, labels) in zip(range(args.batches), loader, strict=False):

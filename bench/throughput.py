@@ -36,11 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import seed_step_rate, torchvision_loader_rate  # noqa: E402
 from photos import write_photo_folder, write_shards  # noqa: E402
 
-from cluster.world import World  # noqa: E402
-from data_prep.contract import read_manifest  # noqa: E402
-from training import order  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import TrainBatches, build_loader  # noqa: E402
+from training.data import build_loader  # noqa: E402
 from training.decode import to_input  # noqa: E402
 from training.loss import MetaLoss  # noqa: E402
 from training.model import build_model  # noqa: E402
@@ -99,16 +95,10 @@ def cached_epoch_rate(device: torch.device, samples: int = 1 << 20, batch: int =
 
 def end_to_end_rate(shards: str, device, size, batch, steps, workers, device_decode) -> float:
     """Loader (read, decode) → device → our step (heads only), as one training rank runs it."""
-    manifest = read_manifest(shards)
-    total = manifest.num_samples("train")
-    partitions, block = order.resolve(
-        None, None, [(total, sum(s.bytes for s in manifest.shards("train")))]
-    )
-    cfg = TrainConfig(batch_size=batch, image_size=size, augment=True, partitions=partitions,
-                      shuffle_block=block)  # fmt: skip
-    batches = TrainBatches.from_config(shards, manifest, "train", cfg, World(),
-                                       device_decode=device_decode)  # fmt: skip
-    model = prepare_compute(build_model("none", [len(manifest.classes)]), device)
+    from loader_bench import train_batches
+
+    batches, _ = train_batches(shards, batch, size, True, device_decode=device_decode)
+    model = prepare_compute(build_model("none", [batches.num_classes]), device)
     optimizer = torch.optim.Adam(model.heads.parameters(), lr=1e-3)
     loss_fn, images, start, epoch = MetaLoss(), 0, None, 0
     while True:

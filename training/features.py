@@ -60,15 +60,21 @@ def cache_applies(cfg: TrainConfig) -> bool:
 
 
 def cache_key(
-    backbone_sha: str, cfg: TrainConfig, manifest: Manifest, split: str, device: torch.device
+    backbone_sha: str,
+    cfg: TrainConfig,
+    manifest: Manifest,
+    split: str,
+    device: torch.device,
+    device_decode: bool = False,
 ) -> str:
-    """What a split's features depend on, digested (see the module docstring)."""
+    """What a split's features depend on, digested (see the module docstring); `device_decode`
+    as the loop resolved --decode for this worker."""
     described = {
         "format": 1,
         "backbone": backbone_sha,
         "image_size": cfg.image_size,
         "crop": ["resize-center", _center(cfg, split)],
-        "decode": "gpu" if device.type == "cuda" and cfg.decode != "cpu" else "cpu",
+        "decode": "gpu" if device_decode else "cpu",
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "shards": [[s.name, s.sha256] for s in manifest.shards(split)],
         "piece": PIECE,
@@ -123,7 +129,9 @@ class FeatureCache:
 
     def fill(self, dataset: str, manifest: Manifest, split: str) -> str:
         """Compute this rank's missing pieces of `split`; returns the cache directory."""
-        key = cache_key(self.backbone_sha, self.cfg, manifest, split, self.device)
+        key = cache_key(
+            self.backbone_sha, self.cfg, manifest, split, self.device, self.device_decode
+        )
         where = storage.join(self.root, key)
         total = manifest.num_samples(split)
         pieces = self._pieces(total)
