@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,9 @@ from cluster.errors import UserError
 
 T = TypeVar("T")
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+CHECKSUM_VARS = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
+"""Checksums only where an operation requires them (unless these say otherwise): a server that
+does not implement flexible checksums would store an aws-chunked upload's encoding as its body."""
 # Parts in flight are buffered: 4 × 16 MiB bounds an upload's memory, whatever the file size.
 TRANSFER = TransferConfig(
     multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4
@@ -122,9 +126,15 @@ def client():
                 connect_timeout=min(10.0, _timeout),
                 read_timeout=_timeout,
                 max_pool_connections=32,
+                request_checksum_calculation=_checksums(CHECKSUM_VARS[0]),
+                response_checksum_validation=_checksums(CHECKSUM_VARS[1]),
             )
             _clients[pid] = boto3.session.Session().client("s3", config=config)
     return _clients[pid]
+
+
+def _checksums(var: str) -> str:
+    return (os.environ.get(var) or "when_required").lower()
 
 
 def split(url: str) -> tuple[str, str]:
@@ -343,41 +353,33 @@ def remove(url: str) -> None:
         )
         keys += [o["Key"] for page in pages for o in page.get("Contents", [])]
         for i in range(0, len(keys), 1000):
-            objects = [{"Key": k} for k in keys[i : i + 1000]]
-            client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            batch = keys[i : i + 1000]
+            try:
+                objects = [{"Key": k} for k in batch]
+                client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+            except bx.ClientError as e:
+                if not not_implemented(e):
+                    raise
+                warn_once("DeleteObjects", "deleting objects one request at a time")
+                for k in batch:
+                    client().delete_object(Bucket=bucket, Key=k)
 
     retry(op, url)
 
 
-def abort_uploads(url: str) -> int:
-    """Abort multipart uploads left under the prefix `url` by a killed writer."""
-    bucket, key = split(url)
-    prefix = key.rstrip("/") + "/" if key else ""
-
-    def op() -> int:
-        pages = (
-            client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
-        )
-        uploads = [u for page in pages for u in page.get("Uploads", [])]
-        for u in uploads:
-            client().abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-        return len(uploads)
-
-    return retry(op, url)
+_warned: set[str] = set()
 
 
-def arrow_filesystem(url: str):
-    """(path, pyarrow S3FileSystem) for Ray Train's storage, on the same endpoint and chain."""
-    from pyarrow import fs
+def not_implemented(e: bx.ClientError) -> bool:
+    """An optional operation this server does not have (it answers 501 NotImplemented)."""
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("NotImplemented", "501") or status == 501
 
-    bucket, key = split(url)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    # Ray Train's checkpoint uploads go through this, not boto3: give it the same patience.
-    kwargs: dict = {"region": region, "retry_strategy": fs.AwsStandardS3RetryStrategy(ATTEMPTS)}
-    if endpoint():
-        parsed = urlparse(endpoint())
-        kwargs |= {
-            "endpoint_override": parsed.netloc or parsed.path,
-            "scheme": parsed.scheme or "https",
-        }
-    return f"{bucket}/{key}".rstrip("/"), fs.S3FileSystem(**kwargs)
+
+def warn_once(operation: str, instead: str) -> None:
+    """One line per process and operation, on stderr: the run goes on without it."""
+    if operation not in _warned:
+        _warned.add(operation)
+        where = endpoint() or "the default AWS endpoint"
+        print(f"warning: S3 at {where} does not implement {operation}; {instead}", file=sys.stderr)

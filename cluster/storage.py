@@ -289,7 +289,9 @@ def remove(url: str) -> None:
 def clean_partial_writes(url: str) -> int:
     """Remove what killed writers left under `url`: temporary files or multipart uploads."""
     if is_s3(url):
-        return s3.abort_uploads(url)
+        from cluster import s3_compat
+
+        return s3_compat.abort_uploads(url)
     path = _local(url)
     leftovers = list(path.glob(".*.tmp")) if path.is_dir() else []
     for p in leftovers:
@@ -307,5 +309,7 @@ def local_path(url: str) -> Path:
 def ray_storage(url: str):
     """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
     if is_s3(url):
-        return s3.arrow_filesystem(url)
+        from cluster import s3_compat
+
+        return s3_compat.arrow_filesystem(url)
     return str(_local(url).resolve()), None

@@ -5,6 +5,7 @@
     proxy = FaultProxy(server.endpoint)       # put it between a client and the server
     proxy.set_faults(error_rate=0.2, truncate_rate=0.2)
     proxy.bytes_served(bucket)                # GET body bytes sent for keys under a prefix
+    proxy.act_legacy({"ListMultipartUploads"})  # a server without those, storing aws-chunked raw
     auth = AuthS3Server()                     # moto in a subprocess that checks credentials
 
 Credentials here are dummies for these local servers only.
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import boto3
 from botocore.config import Config
@@ -147,20 +148,15 @@ S3_ERRORS = [
     (503, "SlowDown", "Please reduce your request rate."),
     (503, "ServiceUnavailable", "Service is unable to handle request."),
 ]
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-    "content-length",
-}
+HOP_BY_HOP = set(
+    "connection keep-alive proxy-connection proxy-authenticate proxy-authorization te trailer "
+    "transfer-encoding upgrade expect content-length".split()
+)
 NO_BODY_STATUSES = {204, 304}
+OPTIONAL_OPERATIONS = {
+    ("GET", "uploads"): "ListMultipartUploads",
+    ("POST", "delete"): "DeleteObjects",
+}
 
 
 class FaultProxy:
@@ -183,6 +179,7 @@ class FaultProxy:
         self._bytes: collections.Counter[tuple[str, str]] = collections.Counter()
         self._requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.set_faults()
+        self.act_legacy(set(), store_chunked_raw=False)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
@@ -205,6 +202,41 @@ class FaultProxy:
             self.delay = delay
             self.delay_methods = {m.upper() for m in methods} if methods else None
             self._rng = random.Random(seed)
+
+    def act_legacy(self, missing: set[str], store_chunked_raw: bool = True) -> None:
+        """Behave like an S3-compatible server that predates parts of the API: operations in
+        `missing` ("ListMultipartUploads", "DeleteObjects") answer 501 NotImplemented, and an
+        upload in the aws-chunked encoding is stored as it came, chunk headers and trailing
+        checksum included. `chunked_uploads` counts the uploads that came in that encoding."""
+        with self._lock:
+            self.missing = set(missing)
+            self.store_chunked_raw = store_chunked_raw
+            self.chunked_uploads = 0
+
+    def _legacy(self, method: str, path: str, headers) -> tuple[int, str, str] | None:
+        """The NotImplemented answer for a missing operation; strips what would tell the
+        server that an upload is aws-chunked when it should be stored raw."""
+        query = parse_qs(urlparse(path).query, keep_blank_values=True)
+        operation = {
+            ("GET", "uploads"): "ListMultipartUploads",
+            ("POST", "delete"): "DeleteObjects",
+        }
+        for (m, param), name in operation.items():
+            if method == m and param in query and "uploadId" not in query and name in self.missing:
+                return 501, "NotImplemented", f"{name} is not implemented by this server"
+        encoding = headers.get("Content-Encoding", "")
+        streaming = headers.get("x-amz-content-sha256", "").startswith("STREAMING-")
+        if "aws-chunked" in encoding or streaming:
+            with self._lock:
+                self.chunked_uploads += 1
+            if self.store_chunked_raw:
+                rest = ",".join(e for e in encoding.split(",") if e.strip() != "aws-chunked")
+                for name in ("Content-Encoding", "x-amz-decoded-content-length", "x-amz-trailer"):
+                    del headers[name]
+                if rest:
+                    headers["Content-Encoding"] = rest
+                headers.replace_header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+        return None
 
     def _draw(self, method: str) -> tuple[tuple[int, str, str] | None, float | None, float]:
         """(error to reply, fraction of the body to send before cutting off, delay)."""
@@ -270,6 +302,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()  # always read, so a faulted connection stays in sync
         proxy._count(self.command, self.path, 0, request=True)
         error, cut_fraction, delay = proxy._draw(self.command)
+        error = proxy._legacy(self.command, self.path, self.headers) or error
         if delay:
             time.sleep(delay)
         if error is not None:
