@@ -6,15 +6,16 @@
     metatrainer evaluate --checkpoint RUNS/RUN --data DST
 
 Each subcommand is defined next to the code it runs; this module only dispatches and turns a
-`UserError` into one line on stderr and exit status 2.
+`UserError` into one line on stderr and exit status 2 (its traceback too with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from cluster.errors import UserError
+from cluster.errors import UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_command(sub)
     add_train_command(sub)
     add_evaluate_command(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--debug",
+            action="store_true",
+            help="on an error, print its traceback (and the Ray workers') before the one line",
+        )
     return parser
 
 
@@ -38,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"metatrainer {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"metatrainer {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"metatrainer {args.command}: interrupted", file=sys.stderr)

@@ -194,13 +194,18 @@ class FaultProxy:
         delay: float = 0.0,
         seed: int = 0,
         methods: set[str] | None = None,
+        errors: list[tuple[int, str, str]] | None = None,
+        keys: str = "",
     ) -> None:
-        """Fault rates per request; `delay` applies to `methods` only when given (e.g. PUT)."""
+        """Fault rates per request; errors and delays only for `methods` when given (e.g. PUT)
+        and paths containing `keys`, errors drawn from `errors` (default: `S3_ERRORS`)."""
         with self._lock:
             self.error_rate = error_rate
             self.truncate_rate = truncate_rate
             self.delay = delay
-            self.delay_methods = {m.upper() for m in methods} if methods else None
+            self.fault_methods = {m.upper() for m in methods} if methods else None
+            self.errors = errors or S3_ERRORS
+            self.fault_keys = keys
             self._rng = random.Random(seed)
 
     def act_legacy(self, missing: set[str], store_chunked_raw: bool = True) -> None:
@@ -217,11 +222,7 @@ class FaultProxy:
         """The NotImplemented answer for a missing operation; strips what would tell the
         server that an upload is aws-chunked when it should be stored raw."""
         query = parse_qs(urlparse(path).query, keep_blank_values=True)
-        operation = {
-            ("GET", "uploads"): "ListMultipartUploads",
-            ("POST", "delete"): "DeleteObjects",
-        }
-        for (m, param), name in operation.items():
+        for (m, param), name in OPTIONAL_OPERATIONS.items():
             if method == m and param in query and "uploadId" not in query and name in self.missing:
                 return 501, "NotImplemented", f"{name} is not implemented by this server"
         encoding = headers.get("Content-Encoding", "")
@@ -238,14 +239,18 @@ class FaultProxy:
                 headers.replace_header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
         return None
 
-    def _draw(self, method: str) -> tuple[tuple[int, str, str] | None, float | None, float]:
+    def _draw(
+        self, method: str, path: str
+    ) -> tuple[tuple[int, str, str] | None, float | None, float]:
         """(error to reply, fraction of the body to send before cutting off, delay)."""
         with self._lock:
             error_roll, truncate_roll = self._rng.random(), self._rng.random()
-            error = self._rng.choice(S3_ERRORS)
+            error = self._rng.choice(self.errors)
             fraction = self._rng.random()
-            delay = self.delay if self.delay_methods is None or method in self.delay_methods else 0
-            if error_roll < self.error_rate:
+            chosen = self.fault_methods is None or method in self.fault_methods
+            chosen = chosen and self.fault_keys in path
+            delay = self.delay if chosen else 0
+            if error_roll < self.error_rate and chosen:
                 self.injected["error"] += 1
                 return error, None, delay
             if method == "GET" and truncate_roll < self.truncate_rate:
@@ -301,7 +306,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()  # always read, so a faulted connection stays in sync
         proxy._count(self.command, self.path, 0, request=True)
-        error, cut_fraction, delay = proxy._draw(self.command)
+        error, cut_fraction, delay = proxy._draw(self.command, self.path)
         error = proxy._legacy(self.command, self.path, self.headers) or error
         if delay:
             time.sleep(delay)

@@ -73,6 +73,8 @@ class TrainConfig:
     a GPU never waits for the host."""
     sample_log: str | None = None
     """Debug: append each trained batch's sample keys to SAMPLE_LOG/rank-R.tsv (a local dir)."""
+    debug: bool = False
+    """Print the traceback of an error, the workers' too, not only its one line."""
     metrics_port: int = 9100
     """Workers serve /metrics on this port + their local rank; 0 disables."""
 

@@ -17,7 +17,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from cluster import s3, storage
-from cluster.errors import UserError
+from cluster.errors import UserError, one_line
 from cluster.ray_cluster import connect
 from data_prep.contract import read_manifest
 from training import order
@@ -145,8 +145,9 @@ def _root_cause(error: BaseException) -> str:
         if e in seen:
             continue
         seen.append(e)
-        if isinstance(e, UserError):
-            return str(e).splitlines()[0]
+        message = one_line(e)
+        if message is not None:
+            return message
         stack.extend(getattr(e, "worker_failures", {}).values())
         for nested in (getattr(e, "controller_failure", None), e.__cause__, e.__context__):
             if nested is not None:

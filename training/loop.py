@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from cluster import s3, storage
+from cluster.errors import one_line
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
@@ -74,9 +75,27 @@ def quiet_ray_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def quiet_user_errors() -> None:
+    """A UserError reaches the user as the driver's one line: Ray Train would log it with its
+    traceback from every worker, at every retry, first (kept with --debug)."""
+    try:
+        from ray.train.v2._internal import util
+    except ImportError:
+        return
+
+    util.logger.addFilter(_not_a_user_error)  # once: the same filter is not added twice
+
+
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    """Keep a record unless it is logged while a UserError is being handled."""
+    return one_line(sys.exc_info()[1] or Exception()) is None
+
+
 def train_loop_per_worker(config: dict) -> None:
     quiet_ray_reports()
     cfg = TrainConfig.from_dict(config)
+    if not cfg.debug:
+        quiet_user_errors()
     # This process's environment was fixed when its node started: take the driver's endpoint.
     s3.set_endpoint(cfg.s3_endpoint)
     s3.set_timeout(cfg.s3_timeout)

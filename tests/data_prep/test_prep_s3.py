@@ -243,3 +243,20 @@ def test_bad_url(ray_cluster, s3, digits_dir, tmp_path, capsys) -> None:
     assert "unsupported URL scheme" in err
     err = _one_line_error(["prep", "s3://bucket/images", str(tmp_path / "out")], capsys)
     assert "SRC" in err and "local" in err
+
+
+def test_an_error_in_a_shard_task_is_one_line(ray_cluster, s3, bucket, fault_proxy, digits_dir):
+    """Shard uploads refused (in the Ray tasks, after prep's own write test passed): one line,
+    exit status 2, from a `metatrainer prep` process that joins the cluster."""
+    denied = [(403, "AccessDenied", "Access Denied")]
+    fault_proxy.set_faults(error_rate=1.0, methods={"PUT"}, keys="/digits/train-", errors=denied)
+    command = [
+        str(Path(sys.executable).parent / "metatrainer"), "prep", str(digits_dir),
+        f"{bucket}/digits", "--num-shards", "4", "--s3-endpoint", fault_proxy.endpoint,
+        "--address", ray_cluster.get_runtime_context().gcs_address,
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"metatrainer prep: error: access denied to {bucket}/digits/train-")
+    assert fault_proxy.injected["error"] >= 1

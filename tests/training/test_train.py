@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -199,3 +201,34 @@ def test_dataset_labels_are_distinct():
     ]
     assert dataset_labels(["s3://bucket/ds/flowers", "/data/digits"]) == ["flowers", "digits"]
     assert len(set(dataset_labels(["/d/x", "/d/x"]))) == 2
+
+
+def test_an_error_in_a_worker_is_one_line(shards, ray_cluster, tmp_path):
+    """A UserError raised in a loader process of a training worker (here: a label the
+    manifest's class list does not have) reads as the driver's one line, exit status 2, at
+    every retry; --debug adds the tracebacks."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in Path(shards).iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][:3]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    command = [
+        str(Path(sys.executable).parent / "metatrainer"), "train", "--data", str(bad),
+        "--storage", str(tmp_path / "runs"), "--weights", "none", "--image-size", "32",
+        "--workers", "1", "--loader-workers", "1", "--max-failures", "1", "--metrics-port", "0",
+        "--address", ray_cluster.get_runtime_context().gcs_address,
+    ]  # fmt: skip
+    quiet = subprocess.run([*command, "--name", "quiet"], capture_output=True, text=True)
+    expected = f"metatrainer train: error: training failed: {bad}: a label is outside"
+    assert quiet.returncode == 2
+    assert "Traceback" not in quiet.stderr and "UserError" not in quiet.stderr, quiet.stderr
+    assert [line for line in quiet.stderr.splitlines() if "error: " in line] == [
+        quiet.stderr.strip().splitlines()[-1]
+    ]
+    assert quiet.stderr.strip().splitlines()[-1].startswith(expected), quiet.stderr
+
+    debug = subprocess.run([*command, "--name", "debug", "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith(expected), debug.stderr[-2000:]
