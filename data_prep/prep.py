@@ -27,7 +27,8 @@ already in DST with the same size and sha256, so only the missing ones are uploa
 manifest comes out byte-identical to an uninterrupted run's. A task removes the old manifest
 just before it replaces a shard with different bytes, so no manifest ever names bytes that
 are not there, and a re-run that changes nothing leaves the dataset readable throughout.
-Shards the new manifest does not name are removed once it is written.
+Shards an earlier run wrote that the new manifest does not name are removed once it is
+written (`data_prep.ledger`); other files in DST are never touched.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cluster import s3, storage
 from cluster.errors import UserError
 from cluster.ray_cluster import connect
+from data_prep import ledger
 from data_prep import splits as split_plan
 from data_prep.contract import (
-    SHARD_NAME,
     Manifest,
     Shard,
     Skipped,
@@ -138,6 +139,9 @@ def prep(
     cleaned = storage.clean_partial_writes(dst)
     if cleaned:
         progress.message(f"removed {cleaned} partial write(s) an interrupted run left in {dst}")
+    known = ledger.record_shards(
+        dst, {job.name for split_jobs in jobs.values() for job in split_jobs}
+    )
     written = _write_shards(src, dst, scan.classes, jobs, progress)
 
     by_name = {shard.name: shard for shard in written}
@@ -148,7 +152,11 @@ def prep(
         seed=seed,
     )
     write_manifest(dst, manifest)
-    _remove_stale_shards(dst, set(by_name))
+    stale = ledger.remove_stale_shards(dst, known, set(by_name))
+    if stale:
+        progress.message(
+            f"removed {len(stale)} shard(s) of an earlier run the manifest no longer names"
+        )
     return manifest
 
 
@@ -293,9 +301,3 @@ def _warn_empty_classes(classes: list[str], images: list[ValidImage], progress: 
             f"warning: {len(empty)} class folder(s) have no valid images and keep their index "
             f"with no samples: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}"
         )
-
-
-def _remove_stale_shards(dst: str, keep: set[str]) -> None:
-    for name in storage.list_dir(dst):
-        if SHARD_NAME.fullmatch(name) and name not in keep:
-            storage.remove(storage.join(dst, name))

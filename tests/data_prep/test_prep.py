@@ -145,14 +145,17 @@ def test_adding_images_moves_no_old_image(ray_cluster, small_digits: Path, tmp_p
 def test_rerun_removes_shards_the_new_manifest_does_not_name(
     ray_cluster, digits_dir: Path, tmp_path: Path
 ) -> None:
+    """Only shards an earlier prep wrote: files of the user's stay, even named like shards."""
     (tmp_path / "notes-000001.txt").write_text("not ours")
+    (tmp_path / "train-000009.tar").write_text("not ours either")
     prep(str(digits_dir), str(tmp_path), num_shards=4)
     assert (tmp_path / "train-000003.tar").exists()
     manifest = prep(str(digits_dir), str(tmp_path), num_shards=2)
     named = {s.name for shards in manifest.splits.values() for s in shards}
     tars = {p.name for p in tmp_path.glob("*.tar")}
-    assert tars == named and len(named) == 6
+    assert tars == named | {"train-000009.tar"} and len(named) == 6
     assert (tmp_path / "notes-000001.txt").exists()
+    assert sorted(p.name for p in tmp_path.glob(".*")) == []  # no ledger left behind
 
 
 def test_hostile_corpus_through_the_cli(ray_cluster, corpus, tmp_path: Path, capsys) -> None:

@@ -160,8 +160,11 @@ def test_prep_killed_mid_upload_then_rerun_finishes_the_job(
 ) -> None:
     dst = f"{bucket}/killed"
     name, prefix = bucket[len("s3://") :], "killed/"
-    stale = prefix + "val-000007.tar"  # left by an older run with more shards
-    s3.client.put_object(Bucket=name, Key=stale, Body=b"old")
+    # An older run with more shards, then a file of the user's that only looks like a shard.
+    prep(str(digits_dir), dst, num_shards=8, progress=Progress(enabled=False))
+    users = prefix + "train-000042.tar"
+    s3.client.put_object(Bucket=name, Key=users, Body=b"not prep's")
+    older = _etags(s3, name, prefix)
     # Slow uploads stretch the upload phase over seconds, so the kill lands inside it.
     fault_proxy.set_faults(delay=0.5, methods={"PUT", "POST"})
     log_path = tmp_path / "prep.log"
@@ -170,13 +173,13 @@ def test_prep_killed_mid_upload_then_rerun_finishes_the_job(
         try:
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline and process.poll() is None:
-                if len(_new_shards(s3, name, prefix, stale)) >= 2:
+                if len(_new_shards(s3, name, prefix, older)) >= 2:
                     break
                 time.sleep(0.05)
         finally:
             _kill_session(process)
     assert process.returncode == -signal.SIGKILL, log_path.read_text()
-    uploaded = _new_shards(s3, name, prefix, stale)
+    uploaded = _new_shards(s3, name, prefix, older)
     assert 2 <= len(uploaded) < 3 * NUM_SHARDS, uploaded
     assert prefix + "manifest.json" not in s3.list_keys(name, prefix)
     # Shards here are too small for multipart uploads: leave one as a killed large upload would.
@@ -193,6 +196,10 @@ def test_prep_killed_mid_upload_then_rerun_finishes_the_job(
     )
     assert manifest.to_json() == clean_run[1]
     assert "kept" in stderr.getvalue() and "partial write" in stderr.getvalue()
+    # The killed run removed the older manifest: the ledger still named its shards.
+    assert "removed 15 shard(s) of an earlier run" in stderr.getvalue()
+    assert s3.client.get_object(Bucket=name, Key=users)["Body"].read() == b"not prep's"
+    s3.client.delete_object(Bucket=name, Key=users)
     assert_exactly_the_dataset(s3, dst, clean_run)
     # The killed tasks' local temporary shards went with the rerun, too.
     owner = f"metatrainer-prep-{socket.gethostname()}-pid"
@@ -200,8 +207,15 @@ def test_prep_killed_mid_upload_then_rerun_finishes_the_job(
     assert [f for f in files if not _is_running(f[len(owner) :].split("-")[0])] == []
 
 
-def _new_shards(s3_server, bucket: str, prefix: str, stale: str) -> list[str]:
-    return [k for k in s3_server.list_keys(bucket, prefix) if k.endswith(".tar") and k != stale]
+def _etags(s3_server, bucket: str, prefix: str) -> dict[str, str]:
+    pages = s3_server.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+def _new_shards(s3_server, bucket: str, prefix: str, older: dict[str, str]) -> list[str]:
+    """Shards stored since `older` was listed (new keys, or new bytes under an old key)."""
+    now = _etags(s3_server, bucket, prefix)
+    return [k for k, tag in now.items() if k.endswith(".tar") and older.get(k) != tag]
 
 
 def _one_line_error(argv: list[str], capsys) -> str:
