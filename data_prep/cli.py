@@ -95,6 +95,12 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "one on this machine)",
     )
     p.add_argument(
+        "--shared-dst",
+        action="store_true",
+        help="a local DST is a filesystem every Ray node mounts at the same path: write shards "
+        "from any node (default: from the driver's node, which then needs a CPU)",
+    )
+    p.add_argument(
         "--s3-endpoint",
         metavar="URL",
         help="S3 endpoint for an s3:// DST, e.g. http://minio:9000 (default: "
@@ -136,6 +142,7 @@ def run_prep(args: argparse.Namespace) -> int:
             address=args.address,
             s3_endpoint=args.s3_endpoint,
             s3_timeout=args.s3_timeout,
+            shared_dst=args.shared_dst,
         )
     except BaseException:
         pusher.push_failure(time.monotonic() - started)

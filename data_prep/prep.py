@@ -92,11 +92,14 @@ def prep(
     progress: Progress | None = None,
     s3_endpoint: str | None = None,
     s3_timeout: float | None = None,
+    shared_dst: bool = False,
 ) -> Manifest:
     """Prepare `src` into shards and a manifest at `dst`; returns the manifest written.
 
     `shard_size` (bytes, default 256 MB) and `num_shards` (per split) are exclusive.
     `s3_endpoint` overrides AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for an `s3://` DST.
+    `shared_dst`: a local DST is a filesystem every node mounts at the same path, so shard
+    tasks may run on any node (otherwise they run on the driver's node).
     """
     splits = (
         dict(splits) if splits is not None else split_plan.parse_splits(split_plan.DEFAULT_SPLITS)
@@ -129,6 +132,8 @@ def prep(
     if not scan.candidates:
         raise UserError(f"{src} has no valid images ({skip_counts_line(scan.skipped)})")
     connect(address)
+    # A local DST exists on the driver's machine only, unless every node mounts it.
+    pin_to = None if storage.is_s3(dst) or shared_dst else _driver_node_with_cpus(dst)
     images, skipped = _validate(src, scan.candidates, max_pixels, progress)
     skipped = sorted([*scan.skipped, *skipped], key=lambda s: (s.path, s.reason))
     if not images:
@@ -142,7 +147,7 @@ def prep(
     known = ledger.record_shards(
         dst, {job.name for split_jobs in jobs.values() for job in split_jobs}
     )
-    written = _write_shards(src, dst, scan.classes, jobs, progress)
+    written = _write_shards(src, dst, scan.classes, jobs, progress, pin_to)
 
     by_name = {shard.name: shard for shard in written}
     manifest = Manifest(
@@ -239,14 +244,18 @@ def _sample_cost(image: ValidImage, classes: list[str]) -> int:
 
 
 def _write_shards(
-    src: str, dst: str, classes: list[str], plan: dict[str, list[ShardJob]], progress: Progress
+    src: str,
+    dst: str,
+    classes: list[str],
+    plan: dict[str, list[ShardJob]],
+    progress: Progress,
+    pin_to: str | None,
 ) -> list[Shard]:
+    """Shard tasks, on node `pin_to` if given."""
     jobs = [job for split_jobs in plan.values() for job in split_jobs]
     strategy: Any = "DEFAULT"
-    if not storage.is_s3(dst):
-        # A local DST exists on the driver's machine only: write every shard there.
-        node = ray.get_runtime_context().get_node_id()
-        strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    if pin_to is not None:
+        strategy = NodeAffinitySchedulingStrategy(node_id=pin_to, soft=False)
     task = ray.remote(num_cpus=1, scheduling_strategy=strategy)(write_shard)
     endpoint = s3.endpoint() if storage.is_s3(dst) else None
     refs = [
@@ -263,6 +272,19 @@ def _write_shards(
     note = f" ({kept} were already there from an earlier run and kept)" if kept else ""
     progress.message(f"wrote {len(jobs)} shards{note}, {mb:,.1f} MB in {seconds:.1f} s")
     return shards
+
+
+def _driver_node_with_cpus(dst: str) -> str:
+    """The driver's node, which must have a CPU for the shard tasks a local DST pins there."""
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    if cpus < 1:
+        raise UserError(
+            f"DST {dst} is a local directory and this node (the driver's) has no CPUs for "
+            "prep's shard tasks: write to s3://BUCKET/PREFIX, or to a filesystem every node "
+            "mounts at this path with --shared-dst"
+        )
+    return node
 
 
 def _gather(refs: list, weights: list[int], progress: Progress) -> list:

@@ -128,6 +128,14 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         help="worker-group restarts from the latest checkpoint (default: %(default)s)",
     )
     c.add_argument(
+        "--start-timeout",
+        type=float,
+        default=defaults.start_timeout,
+        metavar="SECONDS",
+        help="each of 3 attempts to start the workers waits this long for their resources; "
+        "then the run ends, saying what was missing (default: %(default)s)",
+    )
+    c.add_argument(
         "--metrics-port",
         type=int,
         default=defaults.metrics_port,

@@ -48,6 +48,9 @@ class TrainConfig:
     loader_workers: int = 2
     """DataLoader worker processes per training worker (0: decode in the training process)."""
     max_failures: int = 3
+    start_timeout: float = 600.0
+    """Seconds each attempt to start the workers waits for their resources (CPUs, GPUs, a
+    placement group); after START_ATTEMPTS attempts the run ends and says what was missing."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N global steps (0: only at the end of each epoch)."""
     keep_checkpoints: int = 3

@@ -9,9 +9,11 @@ checkpoints there: training resumes after the latest one instead of starting ove
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 
+import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -25,9 +27,13 @@ from training.config import TrainConfig
 from training.features import cache_applies
 from training.loop import train_loop_per_worker
 from training.model import WEIGHT_ENUMS, load_resnet50
+from training.quiet import QuietController
 from training.resume import repair_snapshot
 
 RESULT_FILE = "result.json"
+START_ATTEMPTS = 3
+"""Attempts to start the worker group (each waiting --start-timeout) before the run ends."""
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train passes it on
 
 
 @dataclass
@@ -47,6 +53,8 @@ def preflight(cfg: TrainConfig) -> None:
         raise UserError("--batch-size, --shuffle-block and --partitions must be at least 1")
     if cfg.log_every < 1:
         raise UserError("--log-every must be at least 1")
+    if cfg.start_timeout <= 0:
+        raise UserError(f"--start-timeout must be more than 0 seconds, not {cfg.start_timeout}")
     if cfg.decode == "gpu" and not cfg.gpus_per_worker:
         raise UserError("--decode gpu needs GPUs: give --gpus-per-worker, or --decode cpu")
     cache_applies(cfg)  # --feature-cache on where it cannot apply: say so now
@@ -99,6 +107,8 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     preflight(cfg)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
+    # Read by Ray Train's controller, which the driver's environment is propagated to.
+    os.environ[START_TIMEOUT_VAR] = str(cfg.start_timeout)
     # Ray refuses to restore a run whose list of checkpoints names a directory that is gone.
     repair_snapshot(storage.join(cfg.storage, cfg.name), lambda m: print(m, file=sys.stderr))
     trainer = TorchTrainer(
@@ -113,15 +123,20 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=START_ATTEMPTS - 1
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
             # Our workers print one line per epoch; Ray's per-report INFO lines drown it.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=[] if cfg.debug else [QuietController(START_ATTEMPTS)],
         ),
     )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        if _caused_by(e, "WorkerGroupStartupTimeoutError"):
+            raise UserError(_no_workers(cfg)) from None
         raise UserError(f"training failed: {_root_cause(e)}") from None
     run_dir = storage.join(cfg.storage, cfg.name)
     metrics = dict(result.metrics or {})
@@ -136,8 +151,29 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     return TrainOutcome(run_dir, result_file, checkpoint, metrics)
 
 
-def _root_cause(error: BaseException) -> str:
-    """The first user-facing message among the workers' failures, else a short description."""
+def _no_workers(cfg: TrainConfig) -> str:
+    """What the workers needed and what the cluster has free, in one line."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    kinds = {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
+    kinds = {k: n for k, n in kinds.items() if n}
+    need = ", ".join(f"{n:g} {k}" for k, n in kinds.items())
+    have = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k}" for k in kinds)
+    count = cfg.workers if cfg.min_workers is None else cfg.min_workers
+    return (
+        f"could not start {count} training workers ({need} each) in {START_ATTEMPTS} attempts "
+        f"of --start-timeout {cfg.start_timeout:g} s: the cluster has {have} free now (see "
+        "`ray status`); lower --workers or --cpus-per-worker/--gpus-per-worker, add nodes, or "
+        "wait longer with --start-timeout"
+    )
+
+
+def _caused_by(error: BaseException, name: str) -> bool:
+    """Whether an exception of class `name` is among `error`'s causes (Ray Train's own types
+    are internal: matched by name)."""
+    return any(type(e).__name__ == name for e in _causes(error))
+
+
+def _causes(error: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     stack: list[BaseException] = [error]
     while stack:
@@ -145,12 +181,18 @@ def _root_cause(error: BaseException) -> str:
         if e in seen:
             continue
         seen.append(e)
-        message = one_line(e)
-        if message is not None:
-            return message
         stack.extend(getattr(e, "worker_failures", {}).values())
         for nested in (getattr(e, "controller_failure", None), e.__cause__, e.__context__):
             if nested is not None:
                 stack.append(nested)
+    return seen
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first user-facing message among the workers' failures, else a short description."""
+    for e in _causes(error):
+        message = one_line(e)
+        if message is not None:
+            return message
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__

@@ -11,7 +11,6 @@ epoch's end a checkpoint (a typed `TrainState`); after each epoch validation. Ev
 from __future__ import annotations
 
 import inspect
-import logging
 import sys
 import tempfile
 import time
@@ -23,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from cluster import s3, storage
-from cluster.errors import one_line
 from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
@@ -35,6 +33,7 @@ from training.evaluate import count_correct
 from training.features import CachedBatches, FeatureCache, cache_applies, count_correct_cached
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
+from training.quiet import quiet_worker_logs
 from training.resume import check_resumable, restore_state
 from training.step import LossSums, prepare_compute, train_step
 
@@ -65,37 +64,10 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def quiet_ray_reports() -> None:
-    """Ray Train 2.60 logs every report at INFO through a logger named by its file path, not
-    under `ray.train`, so RunConfig's LoggingConfig cannot quiet it; our epoch line says it."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def quiet_user_errors() -> None:
-    """A UserError reaches the user as the driver's one line: Ray Train would log it with its
-    traceback from every worker, at every retry, first (kept with --debug)."""
-    try:
-        from ray.train.v2._internal import util
-    except ImportError:
-        return
-
-    util.logger.addFilter(_not_a_user_error)  # once: the same filter is not added twice
-
-
-def _not_a_user_error(record: logging.LogRecord) -> bool:
-    """Keep a record unless it is logged while a UserError is being handled."""
-    return one_line(sys.exc_info()[1] or Exception()) is None
-
-
 def train_loop_per_worker(config: dict) -> None:
-    quiet_ray_reports()
     cfg = TrainConfig.from_dict(config)
     if not cfg.debug:
-        quiet_user_errors()
+        quiet_worker_logs()
     # This process's environment was fixed when its node started: take the driver's endpoint.
     s3.set_endpoint(cfg.s3_endpoint)
     s3.set_timeout(cfg.s3_timeout)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+import sample_log
+from sample_log import trained_history, wait_for
 
 from training.config import TrainConfig
 from training.driver import run_training
@@ -46,23 +48,8 @@ def config(small_config):
     return make
 
 
-def trained_history(log_dir: str) -> dict[tuple, list[str]]:
-    """(epoch, position, rank, dataset) → keys, the last write winning: a step redone after a
-    restore replaces the lost one, so this is the history the final weights descend from."""
-    history: dict[tuple, list[str]] = {}
-    for path in sorted(Path(log_dir).glob("rank-*.tsv")):
-        rank = int(path.stem.split("-")[1])
-        for line in path.read_text().splitlines():
-            epoch, position, dataset, keys = line.split("\t")
-            history[(int(epoch), int(position), rank, int(dataset))] = keys.split()
-    return history
-
-
 def assert_exactly_once(history: dict[tuple, list[str]], reference: dict[tuple, list[str]]):
-    assert history == reference
-    for epoch in range(EPOCHS):
-        keys = [k for (e, *_), batch in history.items() if e == epoch for k in batch]
-        assert keys and len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained twice"
+    sample_log.assert_exactly_once(history, reference, EPOCHS)
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +58,6 @@ def reference(shards, config, tmp_path_factory):
     outcome = run_training(config(shards, root, "reference"))
     result = json.loads(Path(outcome.result_file).read_text())
     return result, trained_history(str(root / "log" / "reference")), outcome
-
-
-def progress(log: Path, offset: int) -> tuple[int, int] | None:
-    """The (epoch, position) of the newest step rank 0 logged after byte `offset`."""
-    try:
-        with log.open("rb") as f:
-            f.seek(offset)
-            lines = f.read().decode().splitlines()
-    except FileNotFoundError:
-        return None
-    return max(
-        ((int(a), int(b)) for a, b, *_ in (ln.split("\t") for ln in lines if ln)), default=None
-    )
 
 
 def worker_pids() -> list[int]:
@@ -96,14 +70,6 @@ def worker_pids() -> list[int]:
     filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
     actors = list_actors(address=address, filters=filters)
     return [a.pid for a in actors if a.pid]
-
-
-def wait_for(log: Path, offset: int, target: tuple[int, int], deadline: float, alive) -> None:
-    while alive() and time.monotonic() < deadline:
-        seen = progress(log, offset)
-        if seen is not None and seen >= target:
-            return
-        time.sleep(0.05)
 
 
 def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capfd):
