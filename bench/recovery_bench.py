@@ -26,8 +26,14 @@ from training.config import TrainConfig
 from training.driver import run_training
 
 
-def last_position(log: Path) -> tuple[int, int] | None:
+def steps(log: Path) -> list[str]:
+    """Rank 0's sample-log lines of trained steps (not its resume marks)."""
     lines = log.read_text().splitlines() if log.exists() else []
+    return [line for line in lines if not line.startswith("resume")]
+
+
+def last_position(log: Path) -> tuple[int, int] | None:
+    lines = steps(log)
     return tuple(map(int, lines[-1].split("\t")[:2])) if lines else None
 
 
@@ -70,13 +76,13 @@ def main() -> None:
         if not run.is_alive() or not pids:
             break
         killed_at = last_position(log)
-        lines = len(log.read_text().splitlines())
+        lines = len(steps(log))
         os.kill(pids[0], signal.SIGKILL)
         t0 = time.perf_counter()
-        while len(log.read_text().splitlines()) == lines:
+        while len(steps(log)) == lines:
             time.sleep(0.02)
         resumed = time.perf_counter() - t0
-        first_new = tuple(map(int, log.read_text().splitlines()[lines].split("\t")[:2]))
+        first_new = tuple(map(int, steps(log)[lines].split("\t")[:2]))
         redone = (
             (killed_at[0] - first_new[0]) * steps_per_epoch
             + (killed_at[1] - first_new[1]) // stride

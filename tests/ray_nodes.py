@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,3 +210,50 @@ def one_line_error(done: subprocess.CompletedProcess, command: str) -> str:
     errors = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
     assert len(errors) == 1, done.stderr[-3000:]
     return errors[0]
+
+
+class LiveRun:
+    """A `metatrainer` process whose output (stdout and stderr) is read as it comes."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.process = subprocess.Popen(
+            [METATRAINER, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, text: str, after: int = 0, timeout: float = 300) -> int:
+        """The index of the first line from `after` on containing `text`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in range(after, len(self.lines)):
+                if text in self.lines[i]:
+                    return i
+            if self.process.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no line with {text!r}:\n" + self.output[-3000:])
+
+    def kill(self) -> None:
+        """SIGKILL the driver and everything it started on this machine."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def finish(self, timeout: float = 600) -> int:
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return self.process.returncode

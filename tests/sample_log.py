@@ -1,5 +1,6 @@
 """Reading the debug sample log (`--sample-log DIR`: DIR/rank-R.tsv, one line per trained batch:
-epoch, position, dataset, keys) to check that training was exact."""
+epoch, position, dataset, keys, time; and rank 0's line per start of the worker group: resume,
+epoch, position, time) to check that training was exact."""
 
 from __future__ import annotations
 
@@ -8,15 +9,37 @@ from pathlib import Path
 
 
 def trained_history(log_dir: str) -> dict[tuple, list[str]]:
-    """(epoch, position, rank, dataset) → keys, the last write winning: a step redone after a
-    restore replaces the lost one, so this is the history the final weights descend from."""
-    history: dict[tuple, list[str]] = {}
+    """(epoch, position, rank, dataset) → keys of the history the final weights descend from:
+    in time order, a start that resumed at (epoch, position) drops the steps logged before it
+    at or past that point (lost with the workers), and a step redone replaces the lost one."""
+    events: list[tuple[float, tuple, list[str] | None]] = []
     for path in sorted(Path(log_dir).glob("rank-*.tsv")):
         rank = int(path.stem.split("-")[1])
         for line in path.read_text().splitlines():
-            epoch, position, dataset, keys = line.split("\t")
-            history[(int(epoch), int(position), rank, int(dataset))] = keys.split()
+            f = line.split("\t")
+            if f[0] == "resume":
+                events.append((float(f[3]), (int(f[1]), int(f[2])), None))
+            else:
+                key = (int(f[0]), int(f[1]), rank, int(f[2]))
+                events.append((float(f[4]), key, f[3].split()))
+    history: dict[tuple, list[str]] = {}
+    for _, key, keys in sorted(events, key=lambda e: e[0]):
+        if keys is None:
+            history = {k: v for k, v in history.items() if k[:2] < key}
+        else:
+            history[key] = keys
     return history
+
+
+def epochs_trained_once(history: dict[tuple, list[str]], epochs: int) -> list[set[str]]:
+    """Each epoch's samples, checked to be trained once each (an epoch drops the remainder
+    of its samples that does not fill a global batch, so its set may differ a little)."""
+    seen = []
+    for epoch in range(epochs):
+        keys = [k for (e, *_), batch in history.items() if e == epoch for k in batch]
+        assert keys and len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained twice"
+        seen.append(set(keys))
+    return seen
 
 
 def assert_exactly_once(
@@ -24,9 +47,7 @@ def assert_exactly_once(
 ) -> None:
     """The same batches as the reference, and no sample twice in an epoch."""
     assert history == reference
-    for epoch in range(epochs):
-        keys = [k for (e, *_), batch in history.items() if e == epoch for k in batch]
-        assert keys and len(keys) == len(set(keys)), f"epoch {epoch}: a sample trained twice"
+    epochs_trained_once(history, epochs)
 
 
 def progress(log: Path, offset: int = 0) -> tuple[int, int] | None:
@@ -38,7 +59,8 @@ def progress(log: Path, offset: int = 0) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return max(
-        ((int(a), int(b)) for a, b, *_ in (ln.split("\t") for ln in lines if ln)), default=None
+        ((int(a), int(b)) for a, b, *_ in (ln.split("\t") for ln in lines if ln) if a != "resume"),
+        default=None,
     )
 
 

@@ -104,6 +104,14 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         f"fewer workers when nodes are lost (default: {defaults.workers})",
     )
     c.add_argument(
+        "--resize-check",
+        type=float,
+        default=defaults.resize_check,
+        metavar="SECONDS",
+        help="elastic (--workers MIN-MAX): how often Ray Train checks for room to grow back "
+        "to MAX workers (default: %(default)s)",
+    )
+    c.add_argument(
         "--gpus-per-worker",
         type=float,
         default=defaults.gpus_per_worker,

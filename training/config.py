@@ -43,6 +43,8 @@ class TrainConfig:
     """Training workers (DDP ranks); with min_workers set, the most Ray may start."""
     min_workers: int | None = None
     """Elastic training: keep going with as few as this many workers when nodes are lost."""
+    resize_check: float = 60.0
+    """Elastic training: seconds between Ray Train's checks for room to grow back to MAX."""
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     loader_workers: int = 2

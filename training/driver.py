@@ -118,6 +118,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
             num_workers=cfg.workers if cfg.min_workers is None else (cfg.min_workers, cfg.workers),
             use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
+            elastic_resize_monitor_interval_s=cfg.resize_check,
         ),
         run_config=RunConfig(
             name=cfg.name,

@@ -103,7 +103,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         if world.is_main:
             say(
                 f"resuming {cfg.name} at epoch {pos.epoch + 1}, sample {pos.consumed} "
-                f"(step {pos.step})"
+                f"(step {pos.step}) on {world.world_size} workers"
             )
 
     prepare_compute(model, device)
@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             cache.load_train(cache.fill(d, m, "train"), b).to(device)
             for d, m, b in zip(cfg.data, manifests, train_sets, strict=True)
         ]
-    log = _sample_log(cfg, world)
+    log = _sample_log(cfg, world, pos)
     stride = cfg.batch_size * world.world_size
     sums = LossSums(device)
 
@@ -179,7 +179,8 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             sums.add(train_step(ddp_model, inputs, targets, optimizer, loss_fn))
             if log:
                 for d, x in enumerate(batch):
-                    log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{' '.join(x[2])}\n")
+                    keys = " ".join(x[2])
+                    log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{keys}\t{time.time():.6f}\n")
                 log.flush()
             pos.advance(stride)
             done = time.perf_counter()
@@ -235,11 +236,18 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         checkpoint(record)
 
 
-def _sample_log(cfg: TrainConfig, world: World):
+def _sample_log(cfg: TrainConfig, world: World, pos: Position):
+    """SAMPLE_LOG/rank-R.tsv: a line per trained batch (epoch, position, dataset, keys, time);
+    rank 0 also marks where each start of the worker group resumed (resume, epoch, position,
+    time): steps logged before it at or past that point were lost."""
     if not cfg.sample_log:
         return None
     Path(cfg.sample_log).mkdir(parents=True, exist_ok=True)
-    return open(Path(cfg.sample_log) / f"rank-{world.rank}.tsv", "a")  # noqa: SIM115
+    log = open(Path(cfg.sample_log) / f"rank-{world.rank}.tsv", "a")  # noqa: SIM115
+    if world.is_main:
+        log.write(f"resume\t{pos.epoch}\t{pos.consumed}\t{time.time():.6f}\n")
+        log.flush()
+    return log
 
 
 def _accuracy(

@@ -1,29 +1,31 @@
-"""A whole worker node dies mid-run (its `ray start` process and every process below it):
-the run goes on elsewhere from the last checkpoint and ends with an uninterrupted run's
-weights, every sample of every epoch trained once in the history they descend from."""
+"""Whole nodes die mid-run (their `ray start` process and every process below it), and the
+driver too: a fixed-size run goes on elsewhere from the last checkpoint and ends with an
+uninterrupted run's weights; an elastic one goes on with fewer workers and grows back. Every
+sample of every epoch is trained once in the history the final weights descend from."""
 
 from __future__ import annotations
 
 import json
 import random
-import subprocess
 import time
 from pathlib import Path
 
-from ray_nodes import METATRAINER
-from sample_log import assert_exactly_once, progress, trained_history, wait_for
+from ray_nodes import LiveRun, metatrainer
+from sample_log import assert_exactly_once, epochs_trained_once, trained_history, wait_for
 
-EPOCHS, BATCH, WORKERS = 2, 8, 2
+from data_prep.contract import read_manifest
+
+EPOCHS, BATCH = 2, 8
 
 
-def train_command(nodes, shards: str, root: Path, name: str, *extra: str) -> list[str]:
+def train_argv(nodes, shards: str, root: Path, name: str, *extra: str) -> list[str]:
     return [
-        METATRAINER, "train", "--data", shards, "--storage", str(root / "runs"), "--name", name,
+        "train", "--data", shards, "--storage", str(root / "runs"), "--name", name,
         "--weights", "none", "--image-size", "32", "--batch-size", str(BATCH),
-        "--epochs", str(EPOCHS), "--no-augment", "--workers", str(WORKERS),
-        "--loader-workers", "1", "--max-failures", "3", "--metrics-port", "0",
-        "--checkpoint-every-steps", "4", "--shuffle-block", "128",
-        "--sample-log", str(root / "log" / name), "--address", nodes.address, *extra,
+        "--epochs", str(EPOCHS), "--no-augment", "--loader-workers", "1",
+        "--max-failures", "4", "--metrics-port", "0", "--checkpoint-every-steps", "4",
+        "--shuffle-block", "128", "--sample-log", str(root / "log" / name),
+        "--start-timeout", "30", "--address", nodes.address, *extra,
     ]  # fmt: skip
 
 
@@ -31,39 +33,81 @@ def result(root: Path, name: str) -> dict:
     return json.loads((root / "runs" / name / "result.json").read_text())
 
 
-def test_losing_a_node_changes_nothing(nodes, shards, tmp_path):
-    done = subprocess.run(train_command(nodes, shards, tmp_path, "reference"), capture_output=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reference = result(tmp_path, "reference")
+def after_first_checkpoint(run: LiveRun, log: Path, workers: int) -> None:
+    """Until rank 0 trained a random step after the first checkpoint (every 4 steps)."""
+    step = random.Random(0).randrange(6, 20)
+    alive = lambda: run.process.poll() is None  # noqa: E731
+    wait_for(log, 0, (0, step * BATCH * workers), time.monotonic() + 300, alive)
+    assert alive(), "the run ended before a node could be killed:\n" + run.output[-3000:]
 
-    run = subprocess.Popen(
-        train_command(nodes, shards, tmp_path, "chaos"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    # A random step after the first checkpoint (every 4 steps of 2 × 8 samples).
-    step = random.Random(0).randrange(6, 24)
-    log = tmp_path / "log" / "chaos" / "rank-0.tsv"
-    wait_for(
-        log, 0, (0, step * BATCH * WORKERS), time.monotonic() + 300, lambda: run.poll() is None
-    )
-    assert run.poll() is None, "the run ended before the node could be killed"
+
+def worker_nodes(nodes) -> tuple[list, list]:
+    """(worker nodes hosting a training worker, the others)."""
     hosts = {a.node_id for a in nodes.actors("RayTrainWorker")}
-    victim = next(n for n in nodes.nodes if n.name != "head" and nodes.node_id(n) in hosts)
-    nodes.kill(victim)
+    workers = [n for n in nodes.nodes if n.name != "head"]
+    busy = [n for n in workers if nodes.node_id(n) in hosts]
+    return busy, [n for n in workers if n not in busy]
+
+
+def test_a_lost_node_and_a_lost_driver_change_nothing(nodes, shards, tmp_path):
+    done = metatrainer(*train_argv(nodes, shards, tmp_path, "reference", "--workers", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    argv = train_argv(nodes, shards, tmp_path, "chaos", "--workers", "2")
+    run = LiveRun(argv)
+    after_first_checkpoint(run, tmp_path / "log" / "chaos" / "rank-0.tsv", 2)
+    busy, _ = worker_nodes(nodes)
+    nodes.kill(busy[0])
     try:
-        _, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err[-3000:]
+        # Two workers again, on the node that was spare: then the driver dies too.
+        run.wait_for_line("on 2 workers")
+        run.kill()
     finally:
-        nodes.restart(victim)  # the next tests get the whole cluster back
-    chaos = result(tmp_path, "chaos")
+        nodes.restart(busy[0])
+    # Ray ends a dead driver's job: its workers go away before the rerun starts new ones.
+    deadline = time.monotonic() + 60
+    while nodes.actors("RayTrainWorker") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    rerun = metatrainer(*argv)  # the same command continues the run
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming chaos at epoch" in rerun.stdout + rerun.stderr
+
+    reference, chaos = result(tmp_path, "reference"), result(tmp_path, "chaos")
     assert chaos["fingerprint"] == reference["fingerprint"]
     assert chaos["test_accuracy"] == reference["test_accuracy"]
-    assert progress(log) == progress(tmp_path / "log" / "reference" / "rank-0.tsv")
     assert_exactly_once(
         trained_history(str(tmp_path / "log" / "chaos")),
         trained_history(str(tmp_path / "log" / "reference")),
         EPOCHS,
     )
+    nodes.wait_alive(len(nodes.nodes))
+
+
+def test_elastic_goes_on_with_fewer_workers_and_grows_back(nodes, shards, tmp_path):
+    run = LiveRun(train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2",
+                             "--resize-check", "3"))  # fmt: skip
+    after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
+    deadline = time.monotonic() + 120
+    while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
+    busy, spare = worker_nodes(nodes)
+    lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker only
+    for node in lost:
+        nodes.kill(node)
+    try:
+        shrunk = run.wait_for_line("on 1 workers")
+        log = tmp_path / "log" / "elastic" / "rank-0.tsv"
+        steps = len(log.read_text().splitlines())
+        while len(log.read_text().splitlines()) < steps + 3 and run.process.poll() is None:
+            time.sleep(0.1)  # a few steps on one worker
+    finally:
+        for node in lost:
+            nodes.restart(node)
+    run.wait_for_line("on 2 workers", after=shrunk)
+    assert run.finish() == 0, run.output[-3000:]
+
+    history = trained_history(str(tmp_path / "log" / "elastic"))
+    train = read_manifest(shards).num_samples("train")
+    for epoch in epochs_trained_once(history, EPOCHS):
+        # The remainder an epoch drops is less than one global batch (of up to 2 workers).
+        assert train - 2 * BATCH < len(epoch) <= train
     nodes.wait_alive(len(nodes.nodes))
