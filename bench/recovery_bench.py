@@ -1,9 +1,15 @@
-"""Recovery after a worker is killed: time until training resumes, and steps redone.
+"""Recovery after a fault: time from the fault to the next training step, and steps redone.
 
     .venv/bin/python bench/recovery_bench.py [--kills 3] [--checkpoint-every-steps 4]
 
-Starts a local Ray cluster, writes and shards the sample digits, trains with 2 CPU workers and
-kills one worker with SIGKILL at a few random steps. Prints a table per kill and the totals.
+Writes and shards the sample digits, then trains 2 CPU workers (batch 16 each) twice:
+- **worker kill**: on a local one-node Ray cluster, SIGKILL one training worker at a few
+  random steps;
+- **node loss**: on a cluster of a CPU-less head and three one-CPU worker nodes on this
+  machine (`tests/ray_nodes.py`, Ray's default health checks), SIGKILL a whole node hosting a
+  worker (its `ray start` and every process below it) at a few random steps, restarting it
+  after each recovery so there is always a spare node.
+Prints one row per fault and the mean of each kind.
 """
 
 from __future__ import annotations
@@ -12,18 +18,23 @@ import argparse
 import os
 import random
 import signal
+import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import ray
-from ray.util.state import list_actors
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from data_prep.prep import prep
-from data_prep.sample_data import write_digits_imagefolder
-from training.config import TrainConfig
-from training.driver import run_training
+from ray_nodes import LiveRun, RayNodes  # noqa: E402
+
+from data_prep.prep import prep  # noqa: E402
+from data_prep.sample_data import write_digits_imagefolder  # noqa: E402
+
+BATCH, WORKERS = 16, 2
+STRIDE = BATCH * WORKERS
 
 
 def steps(log: Path) -> list[str]:
@@ -32,9 +43,95 @@ def steps(log: Path) -> list[str]:
     return [line for line in lines if not line.startswith("resume")]
 
 
-def last_position(log: Path) -> tuple[int, int] | None:
-    lines = steps(log)
-    return tuple(map(int, lines[-1].split("\t")[:2])) if lines else None
+def position(line: str) -> tuple[int, int]:
+    epoch, consumed = line.split("\t")[:2]
+    return int(epoch), int(consumed)
+
+
+def train_argv(root: Path, name: str, args, address: str) -> list[str]:
+    return [
+        "train", "--data", str(root / "shards"), "--storage", str(root / "runs"),
+        "--name", name, "--weights", "none", "--image-size", "32", "--batch-size", str(BATCH),
+        "--epochs", str(args.epochs), "--no-augment", "--workers", str(WORKERS),
+        "--loader-workers", "1", "--max-failures", str(args.kills + 1), "--metrics-port", "0",
+        "--checkpoint-every-steps", str(args.checkpoint_every_steps),
+        "--sample-log", str(root / "log" / name), "--address", address,
+    ]  # fmt: skip
+
+
+def kill_at_random_steps(
+    run: LiveRun, log: Path, args, kill: Callable[[], Callable[[], None] | None]
+) -> list[tuple]:
+    """`kill()` at random steps (it returns what to do once training goes on); per kill: the
+    (epoch, sample) it hit, seconds to the next step, and steps redone."""
+    steps_per_epoch = 1797 * 8 // 10 // STRIDE  # about: only used to spread the kills
+    rng = random.Random(0)
+    targets = sorted(rng.sample(range(3, args.epochs * steps_per_epoch - 3), args.kills))
+    rows = []
+    for target in targets:
+        while run.process.poll() is None:
+            lines = steps(log)
+            if lines:
+                epoch, consumed = position(lines[-1])
+                if epoch * steps_per_epoch + consumed // STRIDE >= target:
+                    break
+            time.sleep(0.02)
+        if run.process.poll() is not None:
+            break
+        done = len(steps(log))
+        killed_at = position(steps(log)[-1])
+        after = kill()
+        t0 = time.perf_counter()
+        while len(steps(log)) == done and run.process.poll() is None:
+            time.sleep(0.02)
+        if len(steps(log)) == done:
+            break
+        resumed = time.perf_counter() - t0
+        first_new = position(steps(log)[done])
+        redone = (
+            (killed_at[0] - first_new[0]) * steps_per_epoch
+            + (killed_at[1] - first_new[1]) // STRIDE
+            + 1
+        )
+        rows.append((killed_at, resumed, redone))
+        if after:
+            after()
+    assert run.finish() == 0, run.output[-3000:]
+    return rows
+
+
+def worker_kills(root: Path, args) -> list[tuple]:
+    """On this process's one-node cluster."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+
+    def kill() -> None:
+        filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+        os.kill(list_actors(address=address, filters=filters)[0].pid, signal.SIGKILL)
+
+    run = LiveRun(train_argv(root, "worker-kill", args, address))
+    return kill_at_random_steps(run, root / "log" / "worker-kill" / "rank-0.tsv", args, kill)
+
+
+def node_kills(root: Path, args) -> list[tuple]:
+    nodes = RayNodes(Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp")), fast_health_checks=False)
+    try:
+        for _ in range(3):
+            nodes.add(cpus=1)
+        nodes.wait_alive(4)
+
+        def kill() -> Callable[[], None]:
+            hosts = {a.node_id for a in nodes.actors("RayTrainWorker")}
+            victim = next(n for n in nodes.nodes[1:] if nodes.node_id(n) in hosts)
+            nodes.kill(victim)
+            return lambda: (nodes.restart(victim), nodes.wait_alive(4))
+
+        run = LiveRun(train_argv(root, "node-loss", args, nodes.address))
+        return kill_at_random_steps(run, root / "log" / "node-loss" / "rank-0.tsv", args, kill)
+    finally:
+        nodes.stop()
 
 
 def main() -> None:
@@ -44,59 +141,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    ray.init(num_cpus=4, logging_level="WARNING")
-    address = ray.get_runtime_context().gcs_address
+    import ray
+
     root = Path(tempfile.mkdtemp(prefix="recovery-bench-"))
     write_digits_imagefolder(root / "images", size=32)
+    ray.init(num_cpus=4, logging_level="WARNING", _node_ip_address="127.0.0.1")
     prep(str(root / "images"), str(root / "shards"), num_shards=4)
-    cfg = TrainConfig(
-        data=[str(root / "shards")], storage=str(root / "runs"), name="bench", weights="none",
-        image_size=32, batch_size=16, epochs=args.epochs, augment=False, workers=2,
-        loader_workers=1, max_failures=args.kills + 1, metrics_port=0,
-        checkpoint_every_steps=args.checkpoint_every_steps, sample_log=str(root / "log"),
-    )  # fmt: skip
-    stride = cfg.batch_size * cfg.workers
-    log = root / "log" / "rank-0.tsv"
-    run = threading.Thread(target=run_training, args=(cfg,))
-    run.start()
-    while last_position(log) is None:
-        time.sleep(0.05)
-    steps_per_epoch = 1797 * 8 // 10 // stride  # about: only used to spread the kills
-    rng = random.Random(0)
-    targets = sorted(rng.sample(range(3, args.epochs * steps_per_epoch - 3), args.kills))
-    rows = []
-    for target in targets:
-        while run.is_alive():
-            epoch, position = last_position(log)
-            if epoch * steps_per_epoch + position // stride >= target:
-                break
-            time.sleep(0.02)
-        pids = [a.pid for a in list_actors(address=address, filters=[
-            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]  # fmt: skip
-        if not run.is_alive() or not pids:
-            break
-        killed_at = last_position(log)
-        lines = len(steps(log))
-        os.kill(pids[0], signal.SIGKILL)
-        t0 = time.perf_counter()
-        while len(steps(log)) == lines:
-            time.sleep(0.02)
-        resumed = time.perf_counter() - t0
-        first_new = tuple(map(int, steps(log)[lines].split("\t")[:2]))
-        redone = (
-            (killed_at[0] - first_new[0]) * steps_per_epoch
-            + (killed_at[1] - first_new[1]) // stride
-            + 1
-        )
-        rows.append((killed_at, resumed, redone))
-    run.join()
-    print(f"{'kill at (epoch, sample)':<26} {'kill → next step s':>19} {'steps redone':>13}")
-    for at, seconds, redone in rows:
-        print(f"{str(at):<26} {seconds:>19.1f} {redone:>13}")
-    if rows:
-        print(f"{'mean':<26} {sum(r[1] for r in rows) / len(rows):>19.1f} "
-              f"{sum(r[2] for r in rows) / len(rows):>13.1f}")  # fmt: skip
-    print(f"(checkpoint every {args.checkpoint_every_steps} steps)")
+    table = {"worker kill": worker_kills(root, args)}
+    ray.shutdown()  # one cluster at a time on this machine
+    table["node loss"] = node_kills(root, args)
+    print(f"{'fault':<12} {'at (epoch, sample)':<20} {'fault → next step s':>20} {'redone':>7}")
+    for fault, rows in table.items():
+        for at, seconds, redone in rows:
+            print(f"{fault:<12} {str(at):<20} {seconds:>20.1f} {redone:>7}")
+        if rows:
+            mean = sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows)
+            print(f"{fault:<12} {'mean':<20} {mean[0]:>20.1f} {mean[1]:>7.1f}")
+    print(
+        f"(2 workers, checkpoint every {args.checkpoint_every_steps} steps; node loss with "
+        "Ray's default health checks: a silent node is declared dead after 5 × 3 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,14 +41,22 @@ class Node:
     cpus: int
     resources: dict[str, float]
     log: Path
+    env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     ports: dict[str, int] = field(default_factory=dict)
 
 
 class RayNodes:
-    def __init__(self, root: Path, head_cpus: int = 0, head_resources: dict | None = None):
+    def __init__(
+        self,
+        root: Path,
+        head_cpus: int = 0,
+        head_resources: dict | None = None,
+        fast_health_checks: bool = True,
+    ):
         use_token_auth()
         self.root = root
+        self.health_checks = HEALTH_CHECKS if fast_health_checks else {}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{free_port()}"
@@ -59,10 +67,12 @@ class RayNodes:
         )
         self.wait_alive(1)
 
-    def add(self, cpus: int = 1, resources: dict | None = None) -> Node:
-        """Start a worker node with `cpus` and the resource {"node-N": 1} (plus `resources`)."""
+    def add(self, cpus: int = 1, resources: dict | None = None, env: dict | None = None) -> Node:
+        """Start a worker node with `cpus` and the resource {"node-N": 1} (plus `resources`),
+        its processes with `env` on top of this one's (a node's own settings)."""
         name = f"node-{len(self.nodes)}"
         node = Node(name, cpus, {name: 1, **(resources or {})}, self.root / f"{name}.log")
+        node.env = {k: str(v) for k, v in (env or {}).items()}
         return self._start(node)
 
     def _start(self, node: Node, head: bool = False) -> Node:
@@ -95,7 +105,7 @@ class RayNodes:
         command += [f"--temp-dir={self.root / node.name}"]
         # Ray's processes that look for "the" cluster on their machine (Ray Train's placement
         # group cleaner) find several here: name this one.
-        env = {**os.environ, "RAY_ADDRESS": self.address, **HEALTH_CHECKS}
+        env = {**os.environ, "RAY_ADDRESS": self.address, **self.health_checks, **node.env}
         with node.log.open("ab") as log:
             node.process = subprocess.Popen(
                 command,

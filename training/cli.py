@@ -161,7 +161,8 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
     s.add_argument(
         "--cache-dir",
         default=defaults.cache_dir,
-        help="keep shards streamed from S3 on local disk here for later epochs",
+        help="keep shards streamed from S3 on local disk here for later epochs (default: "
+        "METATRAINER_CACHE_DIR of each node, where it is set: a node's own local disk)",
     )
     s.add_argument(
         "--cache-size",

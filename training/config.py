@@ -88,7 +88,8 @@ class TrainConfig:
     s3_timeout: float = 60.0
     """Seconds an S3 request waits for an answer, per attempt (botocore makes 8)."""
     cache_dir: str | None = None
-    """Keep shards read from S3 on local disk here, for later epochs."""
+    """Keep shards read from S3 on local disk here, for later epochs (default: each node's
+    METATRAINER_CACHE_DIR, where it sets one)."""
     cache_size: int = 10 * 10**9
     """Bytes the shard cache may hold; least recently used shards are dropped beyond it."""
 

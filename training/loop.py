@@ -11,6 +11,7 @@ epoch's end a checkpoint (a typed `TrainState`); after each epoch validation. Ev
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import tempfile
 import time
@@ -58,6 +59,9 @@ def dataset_labels(locations: list[str]) -> list[str]:
     return [f"{i}:{loc}" for i, loc in enumerate(locations)]  # the same location twice
 
 
+CACHE_DIR_VAR = "METATRAINER_CACHE_DIR"
+
+
 def say(message: str) -> None:
     """One line to the driver's console (Ray's patched `print` would emit it twice)."""
     sys.stdout.write(message + "\n")
@@ -71,6 +75,8 @@ def train_loop_per_worker(config: dict) -> None:
     # This process's environment was fixed when its node started: take the driver's endpoint.
     s3.set_endpoint(cfg.s3_endpoint)
     s3.set_timeout(cfg.s3_timeout)
+    # A node may name its own local disk for the shard cache (e.g. in its pod spec).
+    cfg.cache_dir = cfg.cache_dir or os.environ.get(CACHE_DIR_VAR) or None
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
     metrics = serve_metrics(port, cfg.name, world.rank)

@@ -1,5 +1,5 @@
-"""A head without CPUs and three one-CPU worker nodes, shared by the tests of this directory
-(see tests/README.md, "Many nodes")."""
+"""A head without CPUs and three one-CPU worker nodes, each with its own shard cache, shared
+by the tests of this directory (see tests/README.md, "Many nodes")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def nodes():
     from ray_nodes import RayNodes
 
@@ -18,8 +18,11 @@ def nodes():
     root = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
     cluster = RayNodes(root, head_cpus=0)
     try:
-        for _ in range(3):
-            cluster.add(cpus=1)
+        for i in range(1, 4):
+            # Each worker node its own shard cache (as on its own disk) and read log.
+            env = {"METATRAINER_CACHE_DIR": root / f"cache-node-{i}",
+                   "METATRAINER_READ_LOG": root / f"reads-node-{i}"}  # fmt: skip
+            cluster.add(cpus=1, env=env)
         cluster.wait_alive(4)
         yield cluster
     finally:
@@ -27,9 +30,11 @@ def nodes():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def shards(nodes, digits_dir, tmp_path_factory) -> str:
-    """The digits prepared on `nodes` (2 shards per split), shard tasks on the worker nodes."""
+    """The digits prepared on `nodes` (2 shards per split), shard tasks on the worker nodes.
+    Package-scoped like `nodes`: the cluster is gone before other directories' tests run (Ray
+    Train's placement-group cleaner refuses to guess between two clusters on one machine)."""
     from ray_nodes import metatrainer
 
     dst = str(tmp_path_factory.mktemp("multinode-shards") / "digits")

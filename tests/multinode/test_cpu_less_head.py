@@ -21,7 +21,7 @@ def test_a_run_that_cannot_get_its_workers_ends_in_one_line(nodes, shards, tmp_p
     failed = metatrainer(
         "train", "--data", shards, "--storage", str(tmp_path), "--name", "too-big",
         "--weights", "none", "--image-size", "32", "--workers", "4", "--loader-workers", "0",
-        "--metrics-port", "0", "--start-timeout", "5", "--address", nodes.address,
+        "--metrics-port", "0", "--start-timeout", "2", "--address", nodes.address,
     )  # fmt: skip
     last = one_line_error(failed, "train")
     assert "could not start 4 training workers (1 CPU each)" in last, last

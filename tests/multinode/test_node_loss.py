@@ -49,6 +49,40 @@ def worker_nodes(nodes) -> tuple[list, list]:
     return busy, [n for n in workers if n not in busy]
 
 
+def test_elastic_goes_on_with_fewer_workers_and_grows_back(nodes, shards, tmp_path):
+    """First in this file: a driver killed mid-run leaves Ray's reservation of its resources
+    for an elastic run in place for 3 minutes (AutoscalingCoordinator), which would start
+    this run smaller."""
+    argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check", "3")
+    run = LiveRun([*argv, "--loader-workers", "0"])  # the last --loader-workers wins
+    after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
+    deadline = time.monotonic() + 120
+    while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
+    busy, spare = worker_nodes(nodes)
+    lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker only
+    for node in lost:
+        nodes.kill(node)
+    try:
+        shrunk = run.wait_for_line("on 1 workers")
+        log = tmp_path / "log" / "elastic" / "rank-0.tsv"
+        steps = len(log.read_text().splitlines())
+        while len(log.read_text().splitlines()) < steps + 3 and run.process.poll() is None:
+            time.sleep(0.1)  # a few steps on one worker
+    finally:
+        for node in lost:
+            nodes.restart(node)
+    run.wait_for_line("on 2 workers", after=shrunk)
+    assert run.finish() == 0, run.output[-3000:]
+
+    history = trained_history(str(tmp_path / "log" / "elastic"))
+    train = read_manifest(shards).num_samples("train")
+    for epoch in epochs_trained_once(history, EPOCHS):
+        # The remainder an epoch drops is less than one global batch (of up to 2 workers).
+        assert train - 2 * BATCH < len(epoch) <= train
+    nodes.wait_alive(len(nodes.nodes))
+
+
 def test_a_lost_node_and_a_lost_driver_change_nothing(nodes, shards, tmp_path):
     done = metatrainer(*train_argv(nodes, shards, tmp_path, "reference", "--workers", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -79,35 +113,4 @@ def test_a_lost_node_and_a_lost_driver_change_nothing(nodes, shards, tmp_path):
         trained_history(str(tmp_path / "log" / "reference")),
         EPOCHS,
     )
-    nodes.wait_alive(len(nodes.nodes))
-
-
-def test_elastic_goes_on_with_fewer_workers_and_grows_back(nodes, shards, tmp_path):
-    run = LiveRun(train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2",
-                             "--resize-check", "3"))  # fmt: skip
-    after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
-    deadline = time.monotonic() + 120
-    while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
-    busy, spare = worker_nodes(nodes)
-    lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker only
-    for node in lost:
-        nodes.kill(node)
-    try:
-        shrunk = run.wait_for_line("on 1 workers")
-        log = tmp_path / "log" / "elastic" / "rank-0.tsv"
-        steps = len(log.read_text().splitlines())
-        while len(log.read_text().splitlines()) < steps + 3 and run.process.poll() is None:
-            time.sleep(0.1)  # a few steps on one worker
-    finally:
-        for node in lost:
-            nodes.restart(node)
-    run.wait_for_line("on 2 workers", after=shrunk)
-    assert run.finish() == 0, run.output[-3000:]
-
-    history = trained_history(str(tmp_path / "log" / "elastic"))
-    train = read_manifest(shards).num_samples("train")
-    for epoch in epochs_trained_once(history, EPOCHS):
-        # The remainder an epoch drops is less than one global batch (of up to 2 workers).
-        assert train - 2 * BATCH < len(epoch) <= train
     nodes.wait_alive(len(nodes.nodes))

@@ -59,7 +59,7 @@ DAMAGE = {
     "directory deleted": shutil.rmtree,
     # A copy cut off after it made the directory, or in the middle of state.pt.
     "state.pt missing": lambda d: (d / STATE_FILE).unlink(),
-    "state.pt empty": lambda d: (d / STATE_FILE).write_bytes(b""),
+    "state.pt cut off": lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:999]),
 }
 
 
