@@ -65,7 +65,11 @@ class RayNodes:
             Node("head", head_cpus, {"head": 1, **(head_resources or {})}, root / "head.log"),
             head=True,
         )
-        self.wait_alive(1)
+        try:
+            self.wait_alive(1)
+        except BaseException:
+            self.stop()  # no cluster left behind when it did not come up
+            raise
 
     def add(self, cpus: int = 1, resources: dict | None = None, env: dict | None = None) -> Node:
         """Start a worker node with `cpus` and the resource {"node-N": 1} (plus `resources`),

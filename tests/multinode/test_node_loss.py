@@ -49,31 +49,42 @@ def worker_nodes(nodes) -> tuple[list, list]:
     return busy, [n for n in workers if n not in busy]
 
 
-def test_elastic_goes_on_with_fewer_workers_and_grows_back(nodes, shards, tmp_path):
-    """First in this file: a driver killed mid-run leaves Ray's reservation of its resources
+def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(nodes, shards, tmp_path):
+    """2 workers; two nodes lost (room for one worker): it goes on with one; the nodes back:
+    it grows back to two; two nodes lost again, for good: it finishes on one worker.
+
+    First in this file: a driver killed mid-run leaves Ray's reservation of its resources
     for an elastic run in place for 3 minutes (AutoscalingCoordinator), which would start
     this run smaller."""
     argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check", "3")
     run = LiveRun([*argv, "--loader-workers", "0"])  # the last --loader-workers wins
     after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
-    deadline = time.monotonic() + 120
-    while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
-    busy, spare = worker_nodes(nodes)
-    lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker only
-    for node in lost:
-        nodes.kill(node)
+
+    def lose_all_but_one_worker_node() -> list:
+        deadline = time.monotonic() + 120
+        while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
+        busy, spare = worker_nodes(nodes)
+        lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker
+        for node in lost:
+            nodes.kill(node)
+        return lost
+
+    lost = lose_all_but_one_worker_node()
     try:
         shrunk = run.wait_for_line("on 1 workers")
-        log = tmp_path / "log" / "elastic" / "rank-0.tsv"
-        steps = len(log.read_text().splitlines())
-        while len(log.read_text().splitlines()) < steps + 3 and run.process.poll() is None:
-            time.sleep(0.1)  # a few steps on one worker
     finally:
         for node in lost:
             nodes.restart(node)
-    run.wait_for_line("on 2 workers", after=shrunk)
-    assert run.finish() == 0, run.output[-3000:]
+    grown = run.wait_for_line("on 2 workers", after=shrunk)
+    lost = lose_all_but_one_worker_node()
+    try:
+        run.wait_for_line("on 1 workers", after=grown)
+        assert run.finish() == 0, run.output[-3000:]
+    finally:
+        for node in lost:
+            nodes.restart(node)
+    assert "on 2 workers" not in "\n".join(run.lines[grown + 1 :])  # it finished on one
 
     history = trained_history(str(tmp_path / "log" / "elastic"))
     train = read_manifest(shards).num_samples("train")
