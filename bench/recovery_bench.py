@@ -78,16 +78,22 @@ def kill_at_random_steps(
             time.sleep(0.02)
         if run.process.poll() is not None:
             break
-        done = len(steps(log))
         killed_at = position(steps(log)[-1])
+        starts = log.read_text().count("resume\t")
         after = kill()
         t0 = time.perf_counter()
-        while len(steps(log)) == done and run.process.poll() is None:
+        # The next step is the first one rank 0 logs after the restarted group's resume mark
+        # (a step the old group had under way when the fault hit does not count).
+        while run.process.poll() is None:
+            lines = log.read_text().splitlines()
+            marks = [i for i, line in enumerate(lines) if line.startswith("resume\t")]
+            if len(marks) > starts and len(lines) > marks[-1] + 1:
+                break
             time.sleep(0.02)
-        if len(steps(log)) == done:
+        else:
             break
         resumed = time.perf_counter() - t0
-        first_new = position(steps(log)[done])
+        first_new = position(lines[marks[-1] + 1])
         redone = (
             (killed_at[0] - first_new[0]) * steps_per_epoch
             + (killed_at[1] - first_new[1]) // STRIDE
