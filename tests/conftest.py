@@ -22,6 +22,13 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """The multi-node tests last: their cluster lives to the end of the session, and Ray Train's
+    placement-group cleaner in the one-node `ray_cluster` refuses to guess between two
+    clusters on one machine (the multi-node nodes name theirs with RAY_ADDRESS)."""
+    items.sort(key=lambda item: "/multinode/" in item.nodeid.replace("\\", "/"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster on 127.0.0.1, shared by every test that needs one."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def nodes():
     from ray_nodes import RayNodes
 
@@ -30,11 +30,10 @@ def nodes():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def shards(nodes, digits_dir, tmp_path_factory) -> str:
     """The digits prepared on `nodes` (2 shards per split), shard tasks on the worker nodes.
-    Package-scoped like `nodes`: the cluster is gone before other directories' tests run (Ray
-    Train's placement-group cleaner refuses to guess between two clusters on one machine)."""
+    Session-scoped like `nodes`; these tests run last (tests/conftest.py)."""
     from ray_nodes import metatrainer
 
     dst = str(tmp_path_factory.mktemp("multinode-shards") / "digits")
