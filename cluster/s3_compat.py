@@ -16,15 +16,15 @@ controller and workers), so the filesystem carries it along.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import botocore.exceptions as bx
 from pyarrow import fs
 
 from cluster import s3
+from cluster.environ import environment
 
 
 def checksum_settings() -> dict[str, str]:
@@ -32,35 +32,17 @@ def checksum_settings() -> dict[str, str]:
     return {var: os.environ.get(var) or "when_required" for var in s3.CHECKSUM_VARS}
 
 
-@contextmanager
-def _environment(settings: dict[str, str]) -> Iterator[None]:
-    saved = {var: os.environ.get(var) for var in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-
-
-def _make(kwargs: dict, settings: dict[str, str]) -> ArrowS3:
-    return ArrowS3(settings, **kwargs)
-
-
 class ArrowS3(fs.S3FileSystem):
     """`pyarrow.fs.S3FileSystem` made with the SDK's checksum settings in the environment
     (read when its client is made, then restored), here and wherever it is unpickled."""
 
     def __init__(self, settings: dict[str, str], **kwargs) -> None:
-        with _environment(settings):
+        with environment(settings):
             super().__init__(**kwargs)
         self._settings, self._kwargs = settings, kwargs
 
     def __reduce__(self):
-        return _make, (self._kwargs, self._settings)
+        return functools.partial(ArrowS3, self._settings, **self._kwargs), ()
 
 
 def arrow_filesystem(url: str) -> tuple[str, fs.S3FileSystem]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -295,14 +296,27 @@ def _gather(refs: list, weights: list[int], progress: Progress) -> list:
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
-            for ref in ready:
+            while ready:
+                ref = ready.pop(0)
                 results[index[ref]] = _get(ref)
                 progress.advance(weights[index[ref]])
     except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
+        _settle(ready + pending)
         raise
     return results
+
+
+def _settle(refs: list, timeout: float = 10.0) -> None:
+    """Cancel `refs` and collect their outcomes: an error left in an object nobody reads is
+    printed by Ray as an "Unhandled error" traceback, after prep's one-line error."""
+    for ref in refs:
+        ray.cancel(ref)
+    deadline = time.monotonic() + timeout
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass
 
 
 def _get(ref: Any) -> Any:

@@ -84,11 +84,16 @@ class S3Server:
 
     def list_keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every key in `bucket` (a name or an s3:// URL, whose path is a prefix) under `prefix`."""
+        return sorted(self.etags(bucket, prefix))
+
+    def etags(self, bucket: str, prefix: str = "") -> dict[str, str]:
+        """{key: ETag} for every key under `prefix`, as `list_keys` names them: an ETag changes
+        when new bytes are stored under the key."""
         name, url_prefix = _bucket_and_prefix(bucket)
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=name, Prefix=url_prefix + prefix
         )
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
 
     def stop(self) -> None:
         self._server.stop()

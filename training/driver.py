@@ -9,7 +9,6 @@ checkpoints there: training resumes after the latest one instead of starting ove
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from cluster import s3, storage
+from cluster.environ import environment
 from cluster.errors import UserError, one_line
 from cluster.ray_cluster import connect
 from data_prep.contract import read_manifest
@@ -107,8 +107,6 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     preflight(cfg)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
-    # Read by Ray Train's controller, which the driver's environment is propagated to.
-    os.environ[START_TIMEOUT_VAR] = str(cfg.start_timeout)
     # Ray refuses to restore a run whose list of checkpoints names a directory that is gone.
     repair_snapshot(storage.join(cfg.storage, cfg.name), lambda m: print(m, file=sys.stderr))
     trainer = TorchTrainer(
@@ -134,7 +132,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         ),
     )
     try:
-        result = trainer.fit()
+        # Read by Ray Train's controller, to which fit() passes this from the driver's environment.
+        with environment({START_TIMEOUT_VAR: str(cfg.start_timeout)}):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         if _caused_by(e, "WorkerGroupStartupTimeoutError"):
             raise UserError(_no_workers(cfg)) from None

@@ -40,7 +40,6 @@ class QuietController(ray.train.UserCallback):
 
     def __init__(self, attempts: int) -> None:
         self.attempts = attempts
-        self._install()
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
