@@ -6,6 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+CACHE_DIR_VAR = "METATRAINER_CACHE_DIR"
+"""A node's own cache disk (shards, weights files): set in its environment (pod, `ray start`)."""
+
 
 @contextmanager
 def environment(settings: dict[str, str]) -> Iterator[None]:

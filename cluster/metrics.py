@@ -1,34 +1,46 @@
 """Prometheus metrics of one training worker, served on /metrics.
 
 Each worker serves on `base_port + local_rank`, so every node exposes the same port range and
-one PodMonitor (deploy/podmonitor.yaml) covers them all. With the port set to 0 the worker gets
-`NullMetrics`, a no-op with the same methods, so the training loop never checks a flag.
+one PodMonitor (deploy/monitoring/podmonitor.yaml) covers them all. With the port set to 0 the
+worker gets `NullMetrics`, a no-op with the same methods, so the training loop never checks a
+flag. `StepClock` splits a rank's time between waiting for data, stepping and checkpointing, so
+each lands in its own histogram. The alerts and the Grafana dashboard built on these series are
+in deploy/monitoring/.
 """
 
 from __future__ import annotations
 
 import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from cluster.errors import UserError
 
 TIME_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# A checkpoint is a file write (seconds) or an upload to S3 (up to minutes) plus the barrier.
+CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 class TrainMetrics:
-    def __init__(self, port: int, run: str, rank: int) -> None:
+    """One worker's series, in a registry of their own; `serve` puts them on /metrics."""
+
+    url: str | None = None
+
+    def __init__(self, run: str, rank: int) -> None:
+        self._server = None
         self.registry = CollectorRegistry()
         labels = ["run", "rank"]
         r = self.registry
+        # Throughput is rate() of this counter: an instantaneous samples/s gauge would show
+        # whichever step a scrape happened to land on, and could not be averaged over time.
         self._samples = Counter(
             "metatrainer_samples_trained",
             "Training samples processed.",
             [*labels, "dataset"],
             registry=r,
-        )
-        self._throughput = Gauge(
-            "metatrainer_samples_per_second", "Training samples per second.", labels, registry=r
         )
         self._loss = Gauge(
             "metatrainer_loss",
@@ -57,9 +69,24 @@ class TrainMetrics:
         )
         self._wait = Histogram(
             "metatrainer_data_wait_seconds",
-            "Time a step waited for its batch.",
+            "Time a step waited for its batch (checkpoints not included).",
             labels,
             buckets=TIME_BUCKETS,
+            registry=r,
+        )
+        self._checkpoint = Histogram(
+            "metatrainer_checkpoint_seconds",
+            "Time a rank spent in a checkpoint that completed: rank 0 saving and attaching it, "
+            "every rank waiting in the ray.train.report barrier.",
+            labels,
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self._started = Gauge(
+            "metatrainer_worker_start_time_seconds",
+            "Unix time this worker process started training; a restarted worker sets a new "
+            "value, so changes() counts restarts.",
+            labels,
             registry=r,
         )
         self._epoch = Gauge("metatrainer_epoch", "Current epoch (0-based).", labels, registry=r)
@@ -70,6 +97,12 @@ class TrainMetrics:
             registry=r,
         )
         self._labels = {"run": run, "rank": str(rank)}
+        self._started.labels(**self._labels).set(time.time())
+        # Served from the start with a count of 0, so "no checkpoint for an hour" is a series
+        # that stays flat, not one that does not exist yet.
+        self._checkpoint.labels(**self._labels)
+
+    def serve(self, port: int) -> None:
         try:
             self._server, _ = start_http_server(port, registry=self.registry)
         except OSError as e:
@@ -84,8 +117,9 @@ class TrainMetrics:
             self._samples.labels(**self._labels, dataset=dataset).inc(n)
         self._step.labels(**self._labels).observe(step_seconds)
         self._wait.labels(**self._labels).observe(wait_seconds)
-        total = sum(samples.values())
-        self._throughput.labels(**self._labels).set(total / max(step_seconds + wait_seconds, 1e-9))
+
+    def checkpoint(self, seconds: float) -> None:
+        self._checkpoint.labels(**self._labels).observe(seconds)
 
     def losses(self, loss: float, cross_entropy: float, penalty: float) -> None:
         self._loss.labels(**self._labels).set(loss)
@@ -99,17 +133,21 @@ class TrainMetrics:
         self._val.labels(**self._labels, dataset=dataset).set(accuracy)
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
 
 
 class NullMetrics:
     url: str | None = None
 
-    def step(self, *args, **kwargs) -> None:
+    def step(self, samples: dict[str, int], step_seconds: float, wait_seconds: float) -> None:
         pass
 
-    def losses(self, *args, **kwargs) -> None:
+    def checkpoint(self, seconds: float) -> None:
+        pass
+
+    def losses(self, loss: float, cross_entropy: float, penalty: float) -> None:
         pass
 
     def epoch(self, epoch: int) -> None:
@@ -123,7 +161,47 @@ class NullMetrics:
 
 
 def serve_metrics(port: int, run: str, rank: int) -> TrainMetrics | NullMetrics:
-    return TrainMetrics(port, run, rank) if port else NullMetrics()
+    if not port:
+        return NullMetrics()
+    metrics = TrainMetrics(run, rank)
+    metrics.serve(port)
+    return metrics
+
+
+class StepClock:
+    """Which histogram a rank's time goes to: a step's wait for its batch runs from the end
+    of whatever came before (the previous step, a checkpoint, the epoch's start) to the batch
+    being ready, so a checkpoint's save and barrier never count as waiting for data.
+
+        clock.restart()                  # an epoch's loaders are built: waiting starts
+        batch = next(loader); clock.batch_ready()
+        ...train_step...; clock.step_done({"digits": 32})
+        with clock.checkpoint(): save_and_report()
+    """
+
+    def __init__(self, metrics: TrainMetrics | NullMetrics) -> None:
+        self._metrics = metrics
+        self._tick = self._ready = time.perf_counter()
+
+    def restart(self) -> None:
+        self._tick = time.perf_counter()
+
+    def batch_ready(self) -> None:
+        self._ready = time.perf_counter()
+
+    def step_done(self, samples: dict[str, int]) -> None:
+        done = time.perf_counter()
+        self._metrics.step(samples, done - self._ready, self._ready - self._tick)
+        self._tick = done
+
+    @contextmanager
+    def checkpoint(self) -> Iterator[None]:
+        """Times a checkpoint; only one that completes is observed (a failed one ends the
+        worker, and the restart shows in metatrainer_worker_start_time_seconds)."""
+        started = time.perf_counter()
+        yield
+        self._tick = time.perf_counter()
+        self._metrics.checkpoint(self._tick - started)
 
 
 def _node_address() -> str:

@@ -110,6 +110,9 @@ class RayNodes:
         # Ray's processes that look for "the" cluster on their machine (Ray Train's placement
         # group cleaner) find several here: name this one.
         env = {**os.environ, "RAY_ADDRESS": self.address, **self.health_checks, **node.env}
+        # `metatrainer` on every node's PATH, as in our image: what a `ray job submit --
+        # metatrainer …` entrypoint runs, whether or not this environment was activated.
+        env["PATH"] = os.pathsep.join([str(Path(METATRAINER).parent), env.get("PATH", "")])
         with node.log.open("ab") as log:
             node.process = subprocess.Popen(
                 command,

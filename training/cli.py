@@ -29,7 +29,16 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         "--weights",
         default=defaults.weights,
         help="backbone weights: imagenet (torchvision's DEFAULT), IMAGENET1K_V1, IMAGENET1K_V2, "
-        "none (random, seeded), or a local resnet50 state_dict file (default: %(default)s)",
+        "none (random, seeded), a local resnet50 state_dict file, or one at an s3://, https:// "
+        "or http:// URL with --weights-sha256, which each node downloads once into its cache "
+        "(METATRAINER_CACHE_DIR, else ~/.cache/metatrainer) (default: %(default)s)",
+    )
+    m.add_argument(
+        "--weights-sha256",
+        default=defaults.weights_sha256,
+        metavar="HEX",
+        help="sha256 of the --weights file, as `sha256sum FILE` prints it: required for a URL, "
+        "optional for a local file; checked on every load, a mismatch is an error",
     )
     m.add_argument(
         "--adapters",

@@ -21,7 +21,13 @@ class TrainConfig:
     """Run name; running again with the same name resumes from the latest checkpoint."""
 
     weights: str = "imagenet"
-    """Backbone weights: `imagenet`, `IMAGENET1K_V1`, `IMAGENET1K_V2`, `none`, or a local file."""
+    """Backbone weights: `imagenet`, `IMAGENET1K_V1`, `IMAGENET1K_V2`, `none`, a local file, or
+    a file at an `s3://`, `https://` or `http://` URL (needs weights_sha256; each node downloads
+    it once into `<METATRAINER_CACHE_DIR or ~/.cache/metatrainer>/weights/`)."""
+    weights_sha256: str | None = None
+    """The weights file's sha256 (`sha256sum FILE`): required for a URL, checked on every load
+    (a mismatch is an error naming both hashes, and nothing is cached); for a local file
+    optional, and checked when given."""
     adapters: list[str] = field(default_factory=list)
     """ResNet stages (layer1..layer4) whose bottlenecks get a zero-initialised 1×1 adapter."""
     meta_lambda: float = 1e-3

@@ -26,9 +26,10 @@ from training import order
 from training.config import TrainConfig
 from training.features import cache_applies
 from training.loop import train_loop_per_worker
-from training.model import WEIGHT_ENUMS, load_resnet50
+from training.model import WEIGHT_ENUMS, check_weights_flags, load_resnet50
 from training.quiet import QuietController
 from training.resume import repair_snapshot
+from training.weights import is_remote
 
 RESULT_FILE = "result.json"
 START_ATTEMPTS = 3
@@ -58,6 +59,7 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.decode == "gpu" and not cfg.gpus_per_worker:
         raise UserError("--decode gpu needs GPUs: give --gpus-per-worker, or --decode cpu")
     cache_applies(cfg)  # --feature-cache on where it cannot apply: say so now
+    cfg.weights_sha256 = check_weights_flags(cfg.weights, cfg.weights_sha256)
     trains = {d: read_manifest(d).shards("train") for d in cfg.data}
     sizes = {d: sum(s.num_samples for s in shards) for d, shards in trains.items()}
     splits = [(sizes[d], sum(s.bytes for s in shards)) for d, shards in trains.items()]
@@ -70,9 +72,11 @@ def preflight(cfg: TrainConfig) -> None:
                 f"batch {cfg.batch_size}; lower --batch-size or --workers"
             )
     if cfg.weights != "none":
-        # Validates a local file, or downloads the ImageNet weights into the torch hub cache
-        # once (workers on this node then read the cache) and fails in one line if it cannot.
-        load_resnet50(cfg.weights, cfg.seed)
+        # Reads and checks a local file; downloads a URL (or torchvision's file) into this
+        # node's cache, where this node's workers find it. A missing object, a refusal, a
+        # server that does not answer or a wrong sha256 is one line here, before Ray starts
+        # any worker, rather than a failure of every worker.
+        load_resnet50(cfg.weights, cfg.seed, cfg.weights_sha256)
 
 
 def check_workers(cfg: TrainConfig) -> None:
@@ -100,7 +104,7 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
     # Workers run elsewhere, in another directory: every path leaves the driver absolute.
     cfg.data = [storage.normalize(d) for d in cfg.data]
     cfg.storage = storage.normalize(cfg.storage)
-    if cfg.weights not in (*WEIGHT_ENUMS, "none"):
+    if cfg.weights not in (*WEIGHT_ENUMS, "none") and not is_remote(cfg.weights):
         cfg.weights = storage.normalize(cfg.weights)
     cfg.sample_log = cfg.sample_log and storage.normalize(cfg.sample_log)
     cfg.cache_dir = cfg.cache_dir and storage.normalize(cfg.cache_dir)

@@ -50,7 +50,8 @@ def evaluate_checkpoint(
     for d, m, classes in zip(data, manifests, state.classes, strict=True):
         if m.classes != classes:
             raise UserError(f"{d} has classes {m.classes[:5]}…, the checkpoint {classes[:5]}…")
-    model = build_model(cfg.weights, [len(m.classes) for m in manifests], cfg.adapters, cfg.seed)
+    classes = [len(m.classes) for m in manifests]
+    model = build_model(cfg.weights, classes, cfg.adapters, cfg.seed, cfg.weights_sha256)
     if model.backbone_fingerprint() != state.backbone["sha256"]:
         raise UserError(
             f"--weights {cfg.weights} now gives a different backbone than the one this "

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from cluster import s3, storage
-from cluster.metrics import NullMetrics, TrainMetrics, serve_metrics
+from cluster.environ import CACHE_DIR_VAR
+from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
 from training.checkpoint import Position, TrainState, rng_state, save_state, set_rng_state
@@ -59,9 +60,6 @@ def dataset_labels(locations: list[str]) -> list[str]:
     return [f"{i}:{loc}" for i, loc in enumerate(locations)]  # the same location twice
 
 
-CACHE_DIR_VAR = "METATRAINER_CACHE_DIR"
-
-
 def say(message: str) -> None:
     """One line to the driver's console (Ray's patched `print` would emit it twice)."""
     sys.stdout.write(message + "\n")
@@ -89,7 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
 def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) -> None:
     device = ray.train.torch.get_device()
     manifests = [read_manifest(d) for d in cfg.data]
-    model = build_model(cfg.weights, [len(m.classes) for m in manifests], cfg.adapters, cfg.seed)
+    classes = [len(m.classes) for m in manifests]
+    model = build_model(cfg.weights, classes, cfg.adapters, cfg.seed, cfg.weights_sha256)
     backbone_sha = model.backbone_fingerprint()
     digests = [m.digest() for m in manifests]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -138,6 +137,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     log = _sample_log(cfg, world, pos)
     stride = cfg.batch_size * world.world_size
     sums = LossSums(device)
+    clock = StepClock(metrics)
 
     def read_losses() -> None:
         """The one host sync of the loss terms: every --log-every steps and before reports."""
@@ -147,11 +147,16 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             metrics.losses(*(v / steps for v in totals))
 
     def checkpoint(record: dict) -> None:
-        """Every rank reports (it is a barrier); only rank 0 writes and attaches the files."""
-        if not world.is_main:
-            ray.train.report(record)
-            return
-        state = TrainState(
+        """Every rank reports (it is a barrier); only rank 0 writes and attaches the files.
+        Each rank's time in here is metatrainer_checkpoint_seconds, never data wait."""
+        with clock.checkpoint():
+            if world.is_main:
+                _report(record, train_state())
+            else:
+                ray.train.report(record)
+
+    def train_state() -> TrainState:
+        return TrainState(
             model=model.trainable_state_dict(),
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
@@ -162,7 +167,6 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             backbone={"weights": cfg.weights, "sha256": backbone_sha},
             datasets=digests,
         )
-        _report(record, state)
 
     while pos.epoch < cfg.epochs:
         metrics.epoch(pos.epoch)
@@ -175,10 +179,11 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         else:
             pin = device.type == "cuda"
             loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
-        started = tick = time.perf_counter()
+        started = time.perf_counter()
+        clock.restart()
         for i in range(steps):
             batch = [next(it) for it in loaders]
-            ready = time.perf_counter()
+            clock.batch_ready()
             # Cached features are already on the device; images are decoded/normalised there.
             inputs = torch.cat([b[0] if cache else to_input(b[0], device) for b in batch])
             targets = [b[1].to(device, non_blocking=True) for b in batch]
@@ -189,13 +194,10 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                     log.write(f"{pos.epoch}\t{pos.consumed}\t{d}\t{keys}\t{time.time():.6f}\n")
                 log.flush()
             pos.advance(stride)
-            done = time.perf_counter()
-            metrics.step(
-                {n: len(y) for n, y in zip(names, targets, strict=True)}, done - ready, ready - tick
-            )
-            tick = done
             if pos.step % cfg.log_every == 0:
+                # The host sync waits for the steps queued on the GPU: step time, not data wait.
                 read_losses()
+            clock.step_done({n: len(y) for n, y in zip(names, targets, strict=True)})
             every = cfg.checkpoint_every_steps
             if every and pos.step % every == 0 and i < steps - 1:
                 read_losses()

@@ -9,6 +9,7 @@ its running statistics.
 from __future__ import annotations
 
 import hashlib
+import io
 import urllib.error
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from cluster.errors import UserError
+from training import weights as weights_files
 from training.config import STAGES
 
 FEATURE_DIM = 2048
@@ -38,18 +40,21 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
+def _load_weights_file(path: str, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict in the weights file `path`, or in `data`, its bytes already read."""
+    if data is None and not Path(path).is_file():
         raise UserError(f"--weights {path}: no such file; give imagenet, none, or a file path")
+    shown = weights_files.shown(path)
     try:
         # A weights file is untrusted input: never unpickle arbitrary objects.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        source = path if data is None else io.BytesIO(data)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a weights file"
-        raise UserError(f"--weights {path}: not a PyTorch state_dict file ({e})") from None
+        raise UserError(f"--weights {shown}: not a PyTorch state_dict file ({e})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise UserError(f"--weights {path}: expected a resnet50 state_dict, got {type(state)}")
+        raise UserError(f"--weights {shown}: expected a resnet50 state_dict, got {type(state)}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -91,8 +96,22 @@ def load_hub_weights(url: str) -> dict[str, torch.Tensor]:
     return _load_weights_file(str(path))
 
 
-def load_resnet50(weights: str, seed: int) -> nn.Module:
-    """A torchvision ResNet-50 with `weights`; `none` is a random init seeded by `seed`."""
+def check_weights_flags(weights: str, sha256: str | None) -> str | None:
+    """--weights with --weights-sha256 (returned in lowercase): a URL needs one, torchvision's
+    names and `none` take none."""
+    if sha256 is not None and weights in (*WEIGHT_ENUMS, "none"):
+        raise UserError(
+            f"--weights-sha256 is for a weights file or URL, not --weights {weights} "
+            "(torchvision's own files are checked against the sha256 in their names)"
+        )
+    return weights_files.check_sha256(weights, sha256)
+
+
+def load_resnet50(weights: str, seed: int, sha256: str | None = None) -> nn.Module:
+    """A torchvision ResNet-50 with `weights`; `none` is a random init seeded by `seed`.
+    A file or URL with `sha256` must have that sha256; a URL is fetched once per node
+    (`training.weights`)."""
+    sha256 = check_weights_flags(weights, sha256)
     # Seed even for pretrained weights: `fc` is initialised randomly before being replaced.
     torch.manual_seed(seed)
     net = resnet50(weights=None)
@@ -100,14 +119,18 @@ def load_resnet50(weights: str, seed: int) -> nn.Module:
         return net
     if weights in WEIGHT_ENUMS:
         state = load_hub_weights(WEIGHT_ENUMS[weights].url)
+    elif weights_files.is_remote(weights):
+        state = _load_weights_file(weights, weights_files.fetch(weights, sha256))
+    elif sha256 is not None:
+        state = _load_weights_file(weights, weights_files.read_verified(weights, sha256))
     else:
         state = _load_weights_file(weights)
     missing, unexpected = net.load_state_dict(state, strict=False)
     problems = [k for k in missing + unexpected if not k.startswith("fc.")]
     if problems:
         raise UserError(
-            f"--weights {weights}: not a resnet50 state_dict ({len(problems)} mismatched "
-            f"keys, e.g. {problems[0]})"
+            f"--weights {weights_files.shown(weights)}: not a resnet50 state_dict "
+            f"({len(problems)} mismatched keys, e.g. {problems[0]})"
         )
     return net
 
@@ -219,15 +242,20 @@ class MetaModel(nn.Module):
 
 
 def build_model(
-    weights: str, num_classes: list[int], adapters: list[str] | None = None, seed: int = 1234
+    weights: str,
+    num_classes: list[int],
+    adapters: list[str] | None = None,
+    seed: int = 1234,
+    weights_sha256: str | None = None,
 ) -> MetaModel:
+    """The model on a frozen `load_resnet50(weights, seed, weights_sha256)`."""
     adapters = adapters or []
     unknown = [s for s in adapters if s not in STAGES]
     if unknown:
         raise UserError(
             f"--adapters: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}"
         )
-    model = MetaModel(load_resnet50(weights, seed), num_classes, adapters)
+    model = MetaModel(load_resnet50(weights, seed, weights_sha256), num_classes, adapters)
     # Heads and adapters start from the same seed on every rank (DDP also broadcasts them).
     torch.manual_seed(seed + 1)
     for head in model.heads:

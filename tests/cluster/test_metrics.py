@@ -1,15 +1,18 @@
-"""The metrics endpoint serves Prometheus text with the documented names and labels."""
+"""The metrics endpoint serves Prometheus text with the documented names and labels, and the
+step clock puts a rank's time in the right histogram (a checkpoint is never data wait)."""
 
 from __future__ import annotations
 
+import inspect
 import socket
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.errors import UserError
-from cluster.metrics import NullMetrics, serve_metrics
+from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
 
 
 def free_port() -> int:
@@ -19,29 +22,35 @@ def free_port() -> int:
 
 
 def scrape(port: int) -> dict[str, float]:
+    """Sample name (with le="..." for histogram buckets) -> value, for run r1."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.labels.get("run") == "r1"
-    }
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.labels.get("run") == "r1":
+                le = sample.labels.get("le")
+                out[sample.name if le is None else f"{sample.name}{{le={le}}}"] = sample.value
+    return out
 
 
-def test_metrics_are_served_and_grow():
+@pytest.fixture
+def served():
     port = free_port()
     metrics = serve_metrics(port, run="r1", rank=3)
-    try:
-        metrics.step({"digits": 32}, 0.5, 0.1)
-        metrics.losses(2.0, 1.9, 0.04)
-        first = scrape(port)
-        metrics.step({"digits": 32}, 0.5, 0.1)
-        metrics.losses(1.5, 1.4, 0.03)
-        metrics.epoch(1)
-        metrics.val_accuracy("digits", 0.75)
-        second = scrape(port)
-    finally:
-        metrics.close()
+    yield metrics, port
+    metrics.close()
+
+
+def test_metrics_are_served_and_grow(served):
+    metrics, port = served
+    metrics.step({"digits": 32}, 0.5, 0.1)
+    metrics.losses(2.0, 1.9, 0.04)
+    first = scrape(port)
+    metrics.step({"digits": 32}, 0.5, 0.1)
+    metrics.losses(1.5, 1.4, 0.03)
+    metrics.epoch(1)
+    metrics.val_accuracy("digits", 0.75)
+    second = scrape(port)
     assert first["metatrainer_samples_trained_total"] == 32
     assert second["metatrainer_samples_trained_total"] == 64
     assert second["metatrainer_step_seconds_count"] == 2
@@ -50,7 +59,59 @@ def test_metrics_are_served_and_grow():
     assert second["metatrainer_meta_penalty"] == 0.03
     assert second["metatrainer_epoch"] == 1
     assert second["metatrainer_val_accuracy_ratio"] == 0.75
-    assert second["metatrainer_samples_per_second"] == pytest.approx(32 / 0.6)
+
+
+def test_worker_start_and_an_empty_checkpoint_histogram_are_served_from_the_start():
+    port = free_port()
+    before = time.time()
+    metrics = serve_metrics(port, run="r1", rank=0)
+    try:
+        served = scrape(port)
+    finally:
+        metrics.close()
+    # A restarted worker serves a new start time: the restart alert counts changes().
+    assert before <= served["metatrainer_worker_start_time_seconds"] <= time.time()
+    # "No checkpoint for an hour" needs a series that stays at 0, not one that is missing.
+    assert served["metatrainer_checkpoint_seconds_count"] == 0
+
+
+def test_a_checkpoint_is_timed_and_never_counted_as_data_wait(served):
+    metrics, port = served
+    clock = StepClock(metrics)
+    clock.restart()
+    for _ in range(2):
+        time.sleep(0.02)  # waiting for the batch
+        clock.batch_ready()
+        clock.step_done({"digits": 8})
+        with clock.checkpoint():
+            time.sleep(0.3)  # a slow save and report barrier
+    got = scrape(port)
+    assert got["metatrainer_checkpoint_seconds_count"] == 2
+    assert got["metatrainer_checkpoint_seconds_sum"] >= 0.6
+    assert got["metatrainer_checkpoint_seconds_bucket{le=0.25}"] == 0
+    assert got["metatrainer_data_wait_seconds_count"] == 2
+    # Both waits were short: the second step's wait started when the checkpoint ended.
+    assert got["metatrainer_data_wait_seconds_bucket{le=0.25}"] == 2
+    assert 0.04 <= got["metatrainer_data_wait_seconds_sum"] < 0.25
+    assert got["metatrainer_samples_trained_total"] == 16
+
+
+def test_a_failed_checkpoint_is_not_observed():
+    metrics = TrainMetrics("r1", 0)  # not served: read from its registry
+    with pytest.raises(OSError), StepClock(metrics).checkpoint():
+        raise OSError("bucket gone")
+    count = metrics.registry.get_sample_value(
+        "metatrainer_checkpoint_seconds_count", {"run": "r1", "rank": "0"}
+    )
+    assert count == 0
+
+
+def test_null_metrics_has_every_method_of_train_metrics():
+    public = {n for n, f in vars(TrainMetrics).items() if callable(f) and not n.startswith("_")}
+    for name in public - {"serve"}:  # serve_metrics serves; NullMetrics has nothing to serve
+        real, null = getattr(TrainMetrics, name), getattr(NullMetrics, name)
+        assert inspect.signature(real) == inspect.signature(null), name
+    StepClock(NullMetrics()).step_done({"digits": 1})  # the clock works without metrics
 
 
 def test_port_zero_disables_metrics():

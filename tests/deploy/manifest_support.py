@@ -1,24 +1,41 @@
-"""The manifests in deploy/, parsed once, and the pod templates KubeRay will create from them.
+"""What `kubectl kustomize` builds from deploy/, parsed once, and the pod templates KubeRay will
+create from it.
 
-Shared by the tests in tests/deploy/ (tests/deploy/conftest.py makes it importable).
+Every directory under deploy/ with a kustomization.yaml is built (a `kind: Component` only
+through the overlays that use it), exactly as `kubectl apply -k DIR` would apply it. Shared by the
+tests in tests/deploy/ (tests/deploy/conftest.py makes it importable). Without kubectl the builds
+are empty and the tests that need them skip.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 
-RUN_AS_USER = 1000  # the image's USER; it owns HOME
+RUN_AS_USER = 10001  # the image's USER (deploy/Dockerfile)
+HOME = "/home/metatrainer"  # the image's HOME
 METRICS_BASE_PORT = 9100  # `metatrainer train --metrics-port` default; local rank i serves +i
+RAY_METRICS_PORT = 8080  # Ray's own metrics (metrics-export-port), KubeRay's `metrics` port
 GPU = "nvidia.com/gpu"
 CREDENTIAL_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY")
+NAMESPACE = "metatrainer"
+APP_LABEL = {"app.kubernetes.io/part-of": "metatrainer"}
+TOKEN_SECRET = {"name": "metatrainer-ray-token", "key": "auth_token"}
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl is not installed (it builds deploy/ with kustomize)"
+)
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader parses the CRDs 6x faster
 
@@ -28,8 +45,43 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
         return [doc for doc in yaml.load_all(f, Loader=_Loader) if doc is not None]
 
 
-MANIFEST_FILES = sorted(DEPLOY.glob("*.yaml"))
-DOCS = [(path.name, doc) for path in MANIFEST_FILES for doc in load_yaml_docs(path)]
+# --- Building the kustomizations ------------------------------------------------------------------
+
+
+def kustomization_dirs() -> list[Path]:
+    return sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+
+
+def is_component(directory: Path) -> bool:
+    (doc,) = load_yaml_docs(directory / "kustomization.yaml")
+    return doc.get("kind") == "Component"
+
+
+def build_name(directory: Path) -> str:
+    return directory.relative_to(DEPLOY).as_posix()
+
+
+@functools.cache
+def kustomize(directory: Path) -> tuple[str, str]:
+    """(YAML, error) of `kubectl kustomize DIR`; exactly one of the two is empty."""
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode:
+        return "", result.stderr.strip() or f"kubectl kustomize exited {result.returncode}"
+    return result.stdout, ""
+
+
+BUILD_DIRS = [d for d in kustomization_dirs() if not is_component(d)] if KUBECTL else []
+BUILDS: dict[str, list[dict[str, Any]]] = {}
+for _dir in BUILD_DIRS:
+    _text, _error = kustomize(_dir)
+    if not _error:
+        BUILDS[build_name(_dir)] = [d for d in yaml.load_all(_text, Loader=_Loader) if d]
+# The deployable builds: what a user applies (deploy/base has no image yet).
+OVERLAYS = {name: docs for name, docs in BUILDS.items() if name.startswith("overlays/")}
+DOCS = [(name, doc) for name, docs in BUILDS.items() for doc in docs]
+OVERLAY_DOCS = [(name, doc) for name, docs in OVERLAYS.items() for doc in docs]
 
 
 def doc_id(item: tuple[str, dict[str, Any]]) -> str:
@@ -37,8 +89,12 @@ def doc_id(item: tuple[str, dict[str, Any]]) -> str:
     return f"{name}:{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
 
 
-def the_doc(kind: str) -> dict[str, Any]:
-    (doc,) = [doc for _, doc in DOCS if doc["kind"] == kind]
+def docs_of(build: str, kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in BUILDS.get(build, []) if doc["kind"] == kind]
+
+
+def the_doc(build: str, kind: str, name: str | None = None) -> dict[str, Any]:
+    (doc,) = [d for d in docs_of(build, kind) if name in (None, d["metadata"]["name"])]
     return doc
 
 
@@ -47,15 +103,20 @@ def the_doc(kind: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PodTemplate:
-    source: str
-    role: str  # head, worker, submitter
+    source: str  # build:Kind/name
+    role: str  # head, worker, submitter, pod
     group: str
     template: dict[str, Any]
     cluster: str
+    component: str  # app.kubernetes.io/component: prep, train, minio, ...
 
     @property
     def spec(self) -> dict[str, Any]:
         return self.template["spec"]
+
+    @property
+    def is_ray_node(self) -> bool:
+        return self.role in ("head", "worker")
 
     def containers(self) -> list[dict[str, Any]]:
         return self.spec.get("containers", []) + self.spec.get("initContainers", [])
@@ -66,15 +127,15 @@ class PodTemplate:
 
     def labels(self) -> dict[str, str]:
         """The pod's labels once KubeRay has created it (ray.io/node-type etc. are KubeRay's)."""
-        labels = {
-            "ray.io/is-ray-node": "yes",
-            "app.kubernetes.io/name": "kuberay",
-            "app.kubernetes.io/created-by": "kuberay-operator",
-        }
-        labels.update(self.template.get("metadata", {}).get("labels", {}))
-        if self.role != "submitter":
+        labels = dict(self.template.get("metadata", {}).get("labels", {}))
+        if self.role == "submitter":  # a Job's pod; the Job is named after the RayJob
+            labels.update({"batch.kubernetes.io/job-name": self.cluster, "job-name": self.cluster})
+        if self.is_ray_node:
             labels.update(
                 {
+                    "app.kubernetes.io/name": "kuberay",
+                    "app.kubernetes.io/created-by": "kuberay-operator",
+                    "ray.io/is-ray-node": "yes",
                     "ray.io/node-type": self.role,
                     "ray.io/group": self.group,
                     "ray.io/cluster": self.cluster,
@@ -93,22 +154,28 @@ def ray_cluster_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def pod_templates(source: str, doc: dict[str, Any]) -> list[PodTemplate]:
     name = doc["metadata"]["name"]
+    component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
     found = []
     for spec in ray_cluster_specs(doc):
         head = spec["headGroupSpec"]["template"]
-        found.append(PodTemplate(source, "head", "headgroup", head, name))
+        found.append(PodTemplate(source, "head", "headgroup", head, name, component))
         for group in spec.get("workerGroupSpecs", []):
-            found.append(PodTemplate(source, "worker", group["groupName"], group["template"], name))
+            found.append(
+                PodTemplate(
+                    source, "worker", group["groupName"], group["template"], name, component
+                )
+            )
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
         submitter = doc["spec"]["submitterPodTemplate"]
-        found.append(PodTemplate(source, "submitter", "", submitter, name))
+        found.append(PodTemplate(source, "submitter", "", submitter, name, "ray-job-submitter"))
     if "template" in doc.get("spec", {}) and doc["kind"] != "RayJob":
-        found.append(PodTemplate(source, "pod", "", doc["spec"]["template"], name))
+        found.append(PodTemplate(source, "pod", "", doc["spec"]["template"], name, component))
     return found
 
 
-TEMPLATES = [t for source, doc in DOCS for t in pod_templates(source, doc)]
-WORKERS = [t for t in TEMPLATES if t.role == "worker"]
+TEMPLATES = [t for build, doc in DOCS for t in pod_templates(doc_id((build, doc)), doc)]
+RAY_NODES = [t for t in TEMPLATES if t.is_ray_node]
+TRAIN_WORKERS = [t for t in TEMPLATES if t.role == "worker" and t.component == "train"]
 
 
 def template_id(t: PodTemplate) -> str:
@@ -118,3 +185,32 @@ def template_id(t: PodTemplate) -> str:
 def gpus_per_pod(template: dict[str, Any]) -> int:
     ray_container = template["spec"]["containers"][0]
     return int(ray_container.get("resources", {}).get("limits", {}).get(GPU, 0))
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {env["name"]: env for env in container.get("env", [])}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels AND every matchExpression)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def rayjobs(build: str) -> dict[str, dict[str, Any]]:
+    """The build's RayJobs by their component label (prep, train)."""
+    return {
+        doc["metadata"]["labels"]["app.kubernetes.io/component"]: doc
+        for doc in docs_of(build, "RayJob")
+    }

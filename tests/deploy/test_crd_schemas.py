@@ -1,8 +1,10 @@
-"""deploy/: every manifest is valid against the real CRD schemas (and Kubernetes' own for plain
-objects and pod templates), and the validation is strict enough to catch a broken one.
+"""deploy/: every object that `kubectl kustomize` builds from every kustomization under deploy/
+is valid: KubeRay and Prometheus Operator kinds against the real CRD schemas, built-in kinds and
+KubeRay's pod templates against Kubernetes' own (kubernetes-validate, strict), and the validation
+is strict enough to catch a broken one.
 
-Offline and fast: the KubeRay and Prometheus Operator CRDs are vendored in tests/deploy/crds/ (see
-its README), so nothing here needs a cluster or the network.
+Offline and fast: the CRDs are vendored in tests/deploy/crds/ (see its README), so nothing here
+needs a cluster or the network; kubectl only builds.
 
     pytest tests/deploy -q
 """
@@ -18,13 +20,24 @@ from typing import Any
 
 import jsonschema
 import pytest
-from manifest_support import DOCS, TEMPLATES, doc_id, load_yaml_docs, template_id, the_doc
+from manifest_support import (
+    DOCS,
+    OVERLAY_DOCS,
+    TEMPLATES,
+    doc_id,
+    load_yaml_docs,
+    needs_kubectl,
+    template_id,
+    the_doc,
+)
 
 CRDS = Path(__file__).resolve().parent / "crds"
 CRD_FILES = (
     "ray.io_rayjobs.yaml",
     "ray.io_rayclusters.yaml",
     "monitoring.coreos.com_podmonitors.yaml",
+    "monitoring.coreos.com_servicemonitors.yaml",
+    "monitoring.coreos.com_prometheusrules.yaml",
 )
 DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = {"RayJob": 47, "RayCluster": 53}  # KubeRay's validation, leaves room for suffixes
@@ -118,11 +131,14 @@ def schema_errors(validators, doc: dict[str, Any]) -> list[str]:
 
 
 def is_custom_resource(doc: dict[str, Any]) -> bool:
-    return "." in doc.get("apiVersion", "").split("/")[0]
+    """Not a built-in kind: an API group with a dot that is not Kubernetes' own (*.k8s.io)."""
+    group = doc.get("apiVersion", "").rpartition("/")[0]
+    return "." in group and not group.endswith(".k8s.io")
 
 
+@needs_kubectl
 @pytest.mark.parametrize("item", DOCS, ids=doc_id)
-def test_manifest_is_valid(item, crd_validators):
+def test_built_object_is_valid(item, crd_validators):
     _, doc = item
     if is_custom_resource(doc):
         errors = schema_errors(crd_validators, doc)
@@ -132,8 +148,16 @@ def test_manifest_is_valid(item, crd_validators):
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_deploy_ships_the_expected_manifests():
-    assert sorted(doc["kind"] for _, doc in DOCS) == ["PodMonitor", "RayCluster", "RayJob"]
+@needs_kubectl
+def test_overlays_ship_the_expected_objects():
+    """Each overlay is a whole deployment: namespace, identity, network policy, the two jobs."""
+    kinds: dict[str, set[str]] = {}
+    for build, doc in OVERLAY_DOCS:
+        kinds.setdefault(build, set()).add(doc["kind"])
+    assert set(kinds) == {"overlays/gpu", "overlays/cpu-small", "overlays/minio"}
+    core = {"Namespace", "ServiceAccount", "ConfigMap", "NetworkPolicy", "RayJob"}
+    assert kinds["overlays/gpu"] == kinds["overlays/cpu-small"] == core
+    assert kinds["overlays/minio"] == core | {"Service", "StatefulSet", "Job"}
 
 
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -173,7 +197,12 @@ BROKEN = {
         _set(f"{_WORKER_CONTAINER}.resources.limits.memory", "lots"),
         "does not match",
     ),
-    "head group missing": ("RayCluster", _set("spec.headGroupSpec", _DELETE), "is a required"),
+    "head group missing": (
+        "RayJob",
+        _set("spec.rayClusterSpec.headGroupSpec", _DELETE),
+        "is a required",
+    ),
+    "bad auth mode": ("RayJob", _set("spec.rayClusterSpec.authOptions.mode", "on"), "is not one"),
     "bad scrape interval": (
         "PodMonitor",
         _set("spec.podMetricsEndpoints.0.interval", "15 seconds"),
@@ -183,19 +212,26 @@ BROKEN = {
 }
 
 
+KIND_NAMES = {"RayJob": "metatrainer-train", "PodMonitor": "metatrainer-workers"}
+
+
+@needs_kubectl
 @pytest.mark.parametrize("case", BROKEN)
 def test_validation_rejects_a_broken_manifest(case, crd_validators):
     kind, mutate, expected = BROKEN[case]
-    doc = copy.deepcopy(the_doc(kind))
+    build = "monitoring" if kind == "PodMonitor" else "overlays/gpu"
+    doc = copy.deepcopy(the_doc(build, kind, KIND_NAMES.get(kind)))
     mutate(doc)
     errors = schema_errors(crd_validators, doc)
     assert any(expected in e for e in errors), f"expected {expected!r} among {errors}"
 
 
-@pytest.mark.parametrize("kind", sorted(MAX_NAME_LENGTH))
-def test_name_is_valid_for_kuberay(kind):
-    name = the_doc(kind)["metadata"]["name"]
-    assert DNS_1035_LABEL.match(name) and len(name) <= MAX_NAME_LENGTH[kind], name
+@needs_kubectl
+def test_names_are_valid_for_kuberay():
+    for _, doc in DOCS:
+        if doc["kind"] in MAX_NAME_LENGTH:
+            name = doc["metadata"]["name"]
+            assert DNS_1035_LABEL.match(name) and len(name) <= MAX_NAME_LENGTH[doc["kind"]], name
 
 
 @pytest.mark.parametrize("t", TEMPLATES, ids=template_id)

@@ -1,5 +1,7 @@
-"""deploy/: the metrics wiring: each worker serves one metrics port per GPU, and the PodMonitor
-selects exactly the worker pods and scrapes every one of those ports.
+"""deploy/: the metrics wiring: every Ray container serves Ray's own metrics on 8080 (named
+`metrics`), each training worker pod one port per GPU for ours (metrics-0, ...), and
+deploy/monitoring's PodMonitor for the training metrics selects exactly the Ray workers and
+scrapes every one of those ports.
 
     pytest tests/deploy -q
 """
@@ -7,22 +9,32 @@ selects exactly the worker pods and scrapes every one of those ports.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 from manifest_support import (
+    APP_LABEL,
+    BUILDS,
+    DOCS,
     METRICS_BASE_PORT,
+    RAY_METRICS_PORT,
+    RAY_NODES,
     TEMPLATES,
-    WORKERS,
+    TRAIN_WORKERS,
     gpus_per_pod,
+    needs_kubectl,
+    ray_cluster_specs,
+    selects,
     template_id,
-    the_doc,
 )
 
-APP_LABEL = {"app.kubernetes.io/part-of": "metatrainer"}
 IANA_SVC_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$")
 
 
+def ports_of(t) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in t.ray_container.get("ports", [])}
+
+
+@needs_kubectl
 @pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
 def test_port_names_are_valid(t):
     for c in t.containers():
@@ -30,46 +42,59 @@ def test_port_names_are_valid(t):
             assert "name" not in port or IANA_SVC_NAME.match(port["name"]), port
 
 
-@pytest.mark.parametrize("t", WORKERS, ids=template_id)
-def test_worker_serves_one_metrics_port_per_gpu(t):
-    ports = {p["name"]: p["containerPort"] for p in t.ray_container.get("ports", [])}
-    metrics = {name: port for name, port in ports.items() if name.startswith("metrics-")}
-    n = gpus_per_pod(t.template)
-    assert n >= 1
+@needs_kubectl
+@pytest.mark.parametrize("t", RAY_NODES, ids=template_id)
+def test_every_ray_container_serves_ray_metrics_on_8080(t):
+    assert ports_of(t).get("metrics") == RAY_METRICS_PORT
+
+
+@needs_kubectl
+def test_ray_exports_its_metrics_on_the_declared_port():
+    for _, doc in DOCS:
+        for spec in ray_cluster_specs(doc):
+            groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+            for group in groups:
+                assert group["rayStartParams"]["metrics-export-port"] == str(RAY_METRICS_PORT)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("t", TRAIN_WORKERS, ids=template_id)
+def test_train_workers_declare_one_metrics_port_per_gpu(t):
+    """A CPU pod runs one training worker (tests/deploy/test_training_job.py), so one port."""
+    metrics = {name: port for name, port in ports_of(t).items() if name.startswith("metrics-")}
+    n = max(gpus_per_pod(t.template), 1)
     assert metrics == {f"metrics-{i}": METRICS_BASE_PORT + i for i in range(n)}
 
 
-def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Kubernetes label-selector semantics (matchLabels AND every matchExpression)."""
-    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
-        return False
-    for e in selector.get("matchExpressions", []):
-        key, op, values = e["key"], e["operator"], e.get("values", [])
-        ok = {
-            "In": key in labels and labels[key] in values,
-            "NotIn": key not in labels or labels[key] not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-        }[op]
-        if not ok:
-            return False
-    return True
+def worker_podmonitor() -> dict:
+    """deploy/monitoring's PodMonitor for our training metrics (the one scraping metrics-*)."""
+    monitors = [
+        doc
+        for doc in BUILDS.get("monitoring", [])
+        if doc["kind"] == "PodMonitor"
+        and any(e["port"].startswith("metrics-") for e in doc["spec"]["podMetricsEndpoints"])
+    ]
+    if not monitors:
+        pytest.skip("deploy/monitoring has no PodMonitor for metrics-* ports yet")
+    (monitor,) = monitors
+    return monitor
 
 
+@needs_kubectl
 def test_podmonitor_selects_exactly_the_worker_pods():
-    selector = the_doc("PodMonitor")["spec"]["selector"]
-    assert selector.get("matchLabels", {}).get("ray.io/node-type") == "worker"
+    selector = worker_podmonitor()["spec"]["selector"]
     assert APP_LABEL.items() <= selector["matchLabels"].items()
     for t in TEMPLATES:
         assert selects(selector, t.labels()) == (t.role == "worker"), template_id(t)
 
 
-def test_podmonitor_scrapes_every_metrics_port_of_the_workers():
-    endpoints = the_doc("PodMonitor")["spec"]["podMetricsEndpoints"]
+@needs_kubectl
+def test_podmonitor_scrapes_every_metrics_port_of_the_train_workers():
+    endpoints = worker_podmonitor()["spec"]["podMetricsEndpoints"]
     names = [e["port"] for e in endpoints]
     assert len(names) == len(set(names)), names
-    for t in WORKERS:
-        ports = {p["name"] for p in t.ray_container["ports"] if p["name"].startswith("metrics-")}
+    for t in TRAIN_WORKERS:
+        ports = {name for name in ports_of(t) if name.startswith("metrics-")}
         assert set(names) == ports, template_id(t)
     for e in endpoints:
         assert (e["path"], e["interval"]) == ("/metrics", "15s")

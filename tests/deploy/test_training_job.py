@@ -1,6 +1,7 @@
-"""deploy/: the training job: a head that trains nothing, a RayJob that cleans up after itself
-and whose cluster has the GPUs it asks for, and a `metatrainer train` entrypoint that the real CLI
-accepts everywhere it is shown (rayjob.yaml, raycluster.yaml and README.md).
+"""deploy/: the prep and training RayJobs of every overlay: a head that trains nothing, jobs that
+cannot hold their pods forever and clean up after themselves, a cluster with the GPUs the job
+asks for, and entrypoints (and the README's `ray job submit` examples) that the real
+`metatrainer` CLI accepts, with the backbone weights read from S3 rather than the internet.
 
     pytest tests/deploy -q
 """
@@ -16,12 +17,19 @@ from manifest_support import (
     DOCS,
     GPU,
     METRICS_BASE_PORT,
+    OVERLAYS,
     gpus_per_pod,
+    needs_kubectl,
     ray_cluster_specs,
-    the_doc,
+    rayjobs,
 )
 
+from cluster.cli import build_parser
 
+BUILD_NAMES = sorted(OVERLAYS)
+
+
+@needs_kubectl
 def test_head_runs_no_training():
     for _, doc in DOCS:
         for spec in ray_cluster_specs(doc):
@@ -32,10 +40,22 @@ def test_head_runs_no_training():
                 assert GPU not in resources.get(kind, {}), kind
 
 
-def test_rayjob_cleans_up_after_itself():
-    spec = the_doc("RayJob")["spec"]
+@needs_kubectl
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_overlay_has_a_prep_and_a_train_job(build):
+    assert set(rayjobs(build)) == {"prep", "train"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", BUILD_NAMES)
+@pytest.mark.parametrize("step", ["prep", "train"])
+def test_rayjob_ends_and_cleans_up_after_itself(build, step):
+    """A job waiting for GPUs gives up (preRunningDeadlineSeconds), a running one is bounded
+    (activeDeadlineSeconds), and its cluster goes away after the job (shutdown + TTL)."""
+    spec = rayjobs(build)[step]["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert 0 < spec["ttlSecondsAfterFinished"] <= 24 * 3600
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"] <= 7 * 24 * 3600
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
 
 
@@ -44,26 +64,62 @@ def train_flags(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--metrics-port", type=int, default=METRICS_BASE_PORT)
+    parser.add_argument("--weights")
+    parser.add_argument("--weights-sha256")
     return parser.parse_known_args(argv[2:])[0]
 
 
-def rayjob_argv() -> list[str]:
-    return shlex.split(the_doc("RayJob")["spec"]["entrypoint"])
+def entrypoint(build: str, step: str) -> list[str]:
+    return shlex.split(rayjobs(build)[step]["spec"]["entrypoint"])
 
 
-def test_cluster_has_the_gpus_the_job_asks_for():
-    argv = rayjob_argv()
+@needs_kubectl
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_cluster_has_the_resources_the_job_asks_for(build):
+    argv = entrypoint(build, "train")
     assert argv[:2] == ["metatrainer", "train"], argv
     flags = train_flags(argv)
-    assert flags.workers and flags.gpus_per_worker, "say --workers and --gpus-per-worker explicitly"
-    (spec,) = ray_cluster_specs(the_doc("RayJob"))
-    available = sum(
-        g.get("replicas", g.get("minReplicas", 0)) * gpus_per_pod(g["template"])
-        for g in spec["workerGroupSpecs"]
-    )
-    assert flags.workers * flags.gpus_per_worker <= available
+    assert flags.workers and flags.gpus_per_worker is not None, "say --workers, --gpus-per-worker"
+    (spec,) = ray_cluster_specs(rayjobs(build)["train"])
+    (group,) = spec["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+    gpus = gpus_per_pod(group["template"])
+    if flags.gpus_per_worker:
+        assert flags.workers * flags.gpus_per_worker <= group["replicas"] * gpus
+        assert flags.gpus_per_worker == gpus  # one training worker per GPU, ranks 0.. per pod
+    else:  # CPU: one training worker per pod, so each pod serves metrics on 9100 only
+        cpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        assert gpus == 0 and flags.cpus_per_worker == cpus
+        assert flags.workers <= group["replicas"]
     assert flags.metrics_port == METRICS_BASE_PORT  # the port the manifests and PodMonitor use
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_training_reads_the_weights_from_s3_with_a_checksum(build):
+    """No pod downloads ImageNet weights from the internet: they come from the bucket, checked."""
+    flags = train_flags(entrypoint(build, "train"))
+    assert flags.weights and flags.weights.startswith("s3://"), flags.weights
+    assert flags.weights_sha256, "--weights-sha256 pins the file"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", BUILD_NAMES)
+def test_prep_cluster_mounts_the_images_everywhere_read_only(build):
+    argv = entrypoint(build, "prep")
+    assert argv[:2] == ["metatrainer", "prep"], argv
+    src = argv[2]
+    (spec,) = ray_cluster_specs(rayjobs(build)["prep"])
+    templates = [spec["headGroupSpec"]["template"]] + [
+        g["template"] for g in spec["workerGroupSpecs"]
+    ]
+    for template in templates:
+        (mount,) = [
+            m for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == src
+        ]
+        assert mount.get("readOnly") is True
 
 
 def submit_commands(text: str) -> list[list[str]]:
@@ -80,39 +136,27 @@ def submit_commands(text: str) -> list[list[str]]:
     return commands
 
 
-ENTRYPOINTS = {
-    "rayjob.yaml": rayjob_argv(),
-    **{
-        f"{name} ray job submit": argv
-        for name in ("raycluster.yaml", "README.md")
-        for argv in submit_commands((DEPLOY / name).read_text())
-    },
-}
+def entrypoints() -> dict[str, list[str]]:
+    found = {
+        f"{build} {step}": entrypoint(build, step)
+        for build in BUILD_NAMES
+        for step in ("prep", "train")
+    }
+    for i, argv in enumerate(submit_commands((DEPLOY / "README.md").read_text())):
+        found[f"README.md ray job submit #{i + 1}"] = argv
+    return found
 
 
-def test_docs_show_a_ray_job_submit_command():
-    assert {"raycluster.yaml ray job submit", "README.md ray job submit"} <= set(ENTRYPOINTS)
-
-
-def metatrainer_parser() -> argparse.ArgumentParser:
-    from cluster.cli import build_parser
-
-    try:
-        return build_parser()
-    except ModuleNotFoundError as e:
-        if e.name in ("training", "training.cli", "data_prep", "data_prep.cli"):
-            pytest.skip(f"the metatrainer CLI is not assembled yet ({e.name} is missing)")
-        raise
+ENTRYPOINTS = entrypoints()
 
 
 @pytest.mark.parametrize("where", ENTRYPOINTS)
-def test_entrypoint_is_a_valid_train_command(where, capsys):
+def test_entrypoint_is_a_valid_metatrainer_command(where, capsys):
     argv = ENTRYPOINTS[where]
-    assert argv[:2] == ["metatrainer", "train"], argv
-    parser = metatrainer_parser()
+    assert argv[0] == "metatrainer" and argv[1] in ("prep", "train", "evaluate"), argv
     try:
-        args = parser.parse_args(argv[1:])
+        args = build_parser().parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: metatrainer rejects {shlex.join(argv)}:\n{capsys.readouterr().err}")
-    assert args.command == "train"
+    assert args.command == argv[1]
     assert getattr(args, "metrics_port", METRICS_BASE_PORT) == METRICS_BASE_PORT
