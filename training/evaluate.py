@@ -12,7 +12,7 @@ from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import read_manifest
-from training.checkpoint import find_checkpoint, load_state
+from training.checkpoint import TrainState, find_checkpoint, load_state
 from training.config import TrainConfig
 from training.data import EvalBatches, build_loader
 from training.decode import to_input
@@ -34,12 +34,27 @@ def count_correct(
     return correct, total
 
 
+def load_trained(checkpoint: str) -> tuple[MetaModel, TrainConfig, TrainState]:
+    """The trained model of a run or checkpoint (its newest readable one), on the CPU, with the
+    config and state it was saved with; the backbone must be the one it was trained with."""
+    state = load_state(find_checkpoint(storage.normalize(checkpoint)))
+    cfg = TrainConfig.from_dict(state.config)
+    classes = [len(c) for c in state.classes]
+    model = build_model(cfg.weights, classes, cfg.adapters, cfg.seed, cfg.weights_sha256)
+    if model.backbone_fingerprint() != state.backbone["sha256"]:
+        raise UserError(
+            f"--weights {cfg.weights} now gives a different backbone than the one this "
+            "checkpoint was trained with"
+        )
+    model.load_trainable(state.model)
+    return model, cfg, state
+
+
 def evaluate_checkpoint(
     checkpoint: str, data: list[str] | None = None, split: str = "test", loader_workers: int = 2
 ) -> list[tuple[str, float, int]]:
     """[(dataset, accuracy, samples)] of the checkpoint's heads on `split`, on one process."""
-    state = load_state(find_checkpoint(storage.normalize(checkpoint)))
-    cfg = TrainConfig.from_dict(state.config)
+    model, cfg, state = load_trained(checkpoint)
     data = data or cfg.data
     if len(data) != len(cfg.data):
         raise UserError(
@@ -50,14 +65,6 @@ def evaluate_checkpoint(
     for d, m, classes in zip(data, manifests, state.classes, strict=True):
         if m.classes != classes:
             raise UserError(f"{d} has classes {m.classes[:5]}…, the checkpoint {classes[:5]}…")
-    classes = [len(m.classes) for m in manifests]
-    model = build_model(cfg.weights, classes, cfg.adapters, cfg.seed, cfg.weights_sha256)
-    if model.backbone_fingerprint() != state.backbone["sha256"]:
-        raise UserError(
-            f"--weights {cfg.weights} now gives a different backbone than the one this "
-            "checkpoint was trained with"
-        )
-    model.load_trainable(state.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results = []
