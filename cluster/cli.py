@@ -4,6 +4,8 @@
     metatrainer prep SRC DST                  # ImageFolder → WebDataset shards + manifest.json
     metatrainer train --data DST --storage RUNS --name RUN
     metatrainer evaluate --checkpoint RUNS/RUN --data DST
+    metatrainer predict --checkpoint RUNS/RUN IMAGE_OR_DIR…   # classes of image files
+    metatrainer report RUNS/RUN               # PNG curves + confusion matrices, per-class table
 
 Each subcommand is defined next to the code it runs; this module only dispatches and turns a
 `UserError` into one line on stderr and exit status 2 (its traceback too with --debug).
@@ -31,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep_command(sub)
     add_train_command(sub)
     add_evaluate_command(sub)
+    from training.predict import add_predict_command
+
+    add_predict_command(sub)
+    from training.report import add_report_command
+
+    add_report_command(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--debug",

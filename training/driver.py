@@ -1,4 +1,5 @@
-"""The driver: check the inputs, build a TorchTrainer, run it, write `result.json`.
+"""The driver: check the inputs, build a TorchTrainer, run it, write `result.json` and the
+report (`training.report`: curves and confusion matrices as PNGs in RUN/report).
 
     metatrainer train --data ./shards --storage ./runs --name digits --workers 2
 
@@ -43,6 +44,8 @@ class TrainOutcome:
     result_file: str
     checkpoint: str | None
     metrics: dict
+    report: str | None = None
+    """Where the run's PNGs went (None: writing them failed, with a warning)."""
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -153,7 +156,27 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         if result.checkpoint
         else None
     )
-    return TrainOutcome(run_dir, result_file, checkpoint, metrics)
+    return TrainOutcome(run_dir, result_file, checkpoint, metrics, _write_report(run_dir))
+
+
+def _write_report(run_dir: str) -> str | None:
+    """The run's report into RUN/report, from the history in the last checkpoint and the test
+    split's confusion matrices the workers saved (plots only: no second pass over the split).
+    The run has finished by now, so a failure here is a warning, not a failed training."""
+    from training.evaluate import REPORT_DIR
+    from training.report import write_report
+
+    try:
+        write_report(run_dir, scored=True)
+    except Exception as e:  # noqa: BLE001  (the report must not fail a finished training)
+        reason = one_line(e) or f"{type(e).__name__}: {e}".splitlines()[0]
+        print(
+            f"warning: the report was not written ({reason}); "
+            f"`metatrainer report {run_dir}` writes it",
+            file=sys.stderr,
+        )
+        return None
+    return storage.join(run_dir, REPORT_DIR)
 
 
 def _no_workers(cfg: TrainConfig) -> str:

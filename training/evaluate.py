@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from cluster import storage
@@ -16,7 +18,13 @@ from training.checkpoint import TrainState, find_checkpoint, load_state
 from training.config import TrainConfig
 from training.data import EvalBatches, build_loader
 from training.decode import to_input
+from training.features import PIECE, SplitFeatures
 from training.model import MetaModel, build_model
+
+REPORT_DIR = "report"
+"""In the run directory: the report's PNGs (`training.report`) and the data they plot."""
+TEST_CONFUSIONS = "confusion-test.json"
+"""In REPORT_DIR: the test split's confusion matrices, scored by the workers at the end."""
 
 
 @torch.no_grad()
@@ -73,3 +81,86 @@ def evaluate_checkpoint(
         correct, total = count_correct(model, i, batches, device, loader_workers)
         results.append((d, correct / max(total, 1), total))
     return results
+
+
+@torch.no_grad()
+def confusion_matrix(
+    model: MetaModel,
+    head: int,
+    batches: EvalBatches,
+    device: torch.device,
+    loader_workers: int,
+    num_classes: int,
+) -> torch.Tensor:
+    """Counts [true class, predicted class] of head `head` over this rank's part of the split:
+    its diagonal is `count_correct`'s correct, its sum the total."""
+    model.eval()
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for images, labels, *_ in build_loader(batches, loader_workers):
+        features = model.features(to_input(images, device))
+        predicted = model.heads[head](features).argmax(dim=1).cpu()
+        counts += torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
+    return counts.view(num_classes, num_classes)
+
+
+@torch.no_grad()
+def confusion_matrix_cached(
+    model: MetaModel, head: int, feats: SplitFeatures, num_classes: int
+) -> torch.Tensor:
+    """`confusion_matrix` on cached features (this rank's pieces), scored in the pieces of
+    `count_correct_cached`, so both agree to the sample."""
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for a in range(0, len(feats.labels), PIECE):
+        predicted = model.heads[head](feats.features[a : a + PIECE]).argmax(dim=1)
+        cells = (feats.labels[a : a + PIECE] * num_classes + predicted).cpu()
+        counts += torch.bincount(cells, minlength=num_classes**2)
+    return counts.view(num_classes, num_classes)
+
+
+def save_confusions(
+    url: str, names: list[str], classes: list[list[str]], matrices: list[torch.Tensor]
+) -> None:
+    """{dataset: {"classes": [...], "counts": [[true × predicted]]}} as JSON: training writes
+    the test split's at its end, and its report plots them instead of scoring again."""
+    document = {
+        n: {"classes": c, "counts": m.tolist()}
+        for n, c, m in zip(names, classes, matrices, strict=True)
+    }
+    storage.write_bytes(url, (json.dumps(document) + "\n").encode())
+
+
+def load_confusions(url: str) -> tuple[list[str], list[list[str]], list[torch.Tensor]]:
+    """What `save_confusions` wrote: (names, classes, matrices)."""
+    document = json.loads(storage.read_bytes(url))
+    return (
+        list(document),
+        [d["classes"] for d in document.values()],
+        [torch.tensor(d["counts"], dtype=torch.int64) for d in document.values()],
+    )
+
+
+def checkpoint_confusions(
+    checkpoint: str, split: str = "test", loader_workers: int = 2
+) -> tuple[TrainState, list[torch.Tensor]]:
+    """The checkpoint's state and a confusion matrix per head on `split` of the datasets it
+    trained on, on one process (empty for a dataset without that split)."""
+    model, cfg, state = load_trained(checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    manifests = [read_manifest(d) for d in cfg.data]
+    if not any(split in m.splits for m in manifests):
+        known = sorted({s for m in manifests for s in m.splits})
+        raise UserError(
+            f"the run's datasets have no {split!r} split; choose from {', '.join(known)}"
+        )
+    matrices = []
+    for i, (d, m, classes) in enumerate(zip(cfg.data, manifests, state.classes, strict=True)):
+        if m.classes != classes:
+            raise UserError(f"{d} has classes {m.classes[:5]}…, the checkpoint {classes[:5]}…")
+        k = len(classes)
+        if split in m.splits and m.num_samples(split):
+            batches = EvalBatches.from_config(d, m, split, cfg, World())
+            matrices.append(confusion_matrix(model, i, batches, device, loader_workers, k))
+        else:
+            matrices.append(torch.zeros(k, k, dtype=torch.int64))
+    return state, matrices

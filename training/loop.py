@@ -31,7 +31,14 @@ from training.checkpoint import Position, TrainState, rng_state, save_state, set
 from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
 from training.decode import to_input
-from training.evaluate import count_correct
+from training.evaluate import (
+    REPORT_DIR,
+    TEST_CONFUSIONS,
+    confusion_matrix,
+    confusion_matrix_cached,
+    count_correct,
+    save_confusions,
+)
 from training.features import CachedBatches, FeatureCache, cache_applies, count_correct_cached
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
@@ -218,6 +225,8 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             "cross_entropy": pos.totals[1] / n,
             "meta_penalty": pos.totals[2] / n,
             "val_accuracy": _mean(val),
+            # Kept in the history (every checkpoint's position): `metatrainer report` plots it.
+            "val_accuracy_per_dataset": dict(zip(names, val, strict=True)),
             "samples_per_second": steps * stride * len(train_sets) / seconds,
             "epoch_seconds": seconds,
         }
@@ -225,7 +234,15 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         if pos.epoch == cfg.epochs:
             # The last report carries the final results: Ray keeps a run's metrics with its
             # latest checkpoint, so a resumed-but-finished run still finds them there.
-            test = _accuracy(model, cfg, world, manifests, "test", device, cache)
+            # Confusion matrices rather than counts, from the same one pass: the report
+            # that the driver writes next plots them instead of scoring the split again.
+            confusions = _confusions(model, cfg, world, manifests, "test", device, cache)
+            test = [int(c.trace()) / int(c.sum()) if c.sum() else None for c in confusions]
+            if world.is_main:
+                save_confusions(
+                    storage.join(cfg.storage, cfg.name, REPORT_DIR, TEST_CONFUSIONS),
+                    names, [m.classes for m in manifests], confusions,
+                )  # fmt: skip
             record |= {
                 "step": pos.step,
                 "test_accuracy": _mean(test),
@@ -284,6 +301,39 @@ def _accuracy(
         dist.all_reduce(counts)
         counts = counts.cpu()
     return [c / t if t else None for c, t in counts.tolist()]
+
+
+def _confusions(
+    model: MetaModel,
+    cfg: TrainConfig,
+    world: World,
+    manifests: list[Manifest],
+    split: str,
+    device: torch.device,
+    cache: FeatureCache | None,
+) -> list[torch.Tensor]:
+    """`_accuracy`'s pass, keeping each dataset's counts [true class, predicted class]
+    (all zero: no such split), summed over the ranks."""
+    matrices = []
+    for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True)):
+        k = len(m.classes)
+        counts = torch.zeros(k, k, dtype=torch.int64)
+        if split in m.splits and m.num_samples(split):
+            if cache:
+                feats = cache.load_eval(cache.fill(d, m, split), m.num_samples(split))
+                counts = confusion_matrix_cached(model, i, feats.to(device), k)
+            else:
+                batches = EvalBatches.from_config(d, m, split, cfg, world)
+                counts = confusion_matrix(model, i, batches, device, cfg.loader_workers, k)
+        matrices.append(counts)
+    if dist.is_available() and dist.is_initialized():
+        flat = torch.cat([c.flatten() for c in matrices]).to(device)
+        dist.all_reduce(flat)
+        sizes = [c.numel() for c in matrices]
+        matrices = [
+            part.view(c.shape) for part, c in zip(flat.cpu().split(sizes), matrices, strict=True)
+        ]
+    return matrices
 
 
 def _mean(values: list[float | None]) -> float | None:
