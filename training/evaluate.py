@@ -107,8 +107,8 @@ def confusion_matrix(
 def confusion_matrix_cached(
     model: MetaModel, head: int, feats: SplitFeatures, num_classes: int
 ) -> torch.Tensor:
-    """`confusion_matrix` on cached features (this rank's pieces), scored in the pieces of
-    `count_correct_cached`, so both agree to the sample."""
+    """`confusion_matrix` on cached features (this rank's pieces), scored `PIECE` samples at a
+    time."""
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64)
     for a in range(0, len(feats.labels), PIECE):
         predicted = model.heads[head](feats.features[a : a + PIECE]).argmax(dim=1)

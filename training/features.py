@@ -267,13 +267,3 @@ class CachedBatches:
             rows = feats.row_of[torch.tensor(positions, device=feats.row_of.device)]
             keys_out = [feats.keys[i] for i in rows.tolist()] if b.with_keys else []
             yield feats.features[rows], feats.labels[rows], keys_out
-
-
-@torch.no_grad()
-def count_correct_cached(model: MetaModel, head: int, feats: SplitFeatures) -> tuple[int, int]:
-    """(correct, total) of head `head` on cached features (this rank's pieces)."""
-    correct = 0
-    for a in range(0, len(feats.labels), PIECE):
-        predicted = model.heads[head](feats.features[a : a + PIECE]).argmax(dim=1)
-        correct += int((predicted == feats.labels[a : a + PIECE]).sum())
-    return correct, len(feats.labels)

@@ -36,10 +36,9 @@ from training.evaluate import (
     TEST_CONFUSIONS,
     confusion_matrix,
     confusion_matrix_cached,
-    count_correct,
     save_confusions,
 )
-from training.features import CachedBatches, FeatureCache, cache_applies, count_correct_cached
+from training.features import CachedBatches, FeatureCache, cache_applies
 from training.loss import MetaLoss
 from training.model import MetaModel, build_model, state_fingerprint
 from training.quiet import quiet_worker_logs
@@ -285,22 +284,8 @@ def _accuracy(
     cache: FeatureCache | None,
 ) -> list[float | None]:
     """Accuracy per dataset on `split`, each rank scoring its share (None: no such split)."""
-    counts = torch.zeros(len(manifests), 2, dtype=torch.float64)
-    for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True)):
-        if split in m.splits and m.num_samples(split):
-            if cache:
-                feats = cache.load_eval(cache.fill(d, m, split), m.num_samples(split))
-                counts[i] = torch.tensor(count_correct_cached(model, i, feats.to(device)))
-            else:
-                batches = EvalBatches.from_config(d, m, split, cfg, world)
-                counts[i] = torch.tensor(
-                    count_correct(model, i, batches, device, cfg.loader_workers)
-                )
-    if dist.is_available() and dist.is_initialized():
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
-    return [c / t if t else None for c, t in counts.tolist()]
+    matrices = _confusions(model, cfg, world, manifests, split, device, cache)
+    return [int(c.trace()) / int(c.sum()) if c.sum() else None for c in matrices]
 
 
 def _confusions(
@@ -312,8 +297,8 @@ def _confusions(
     device: torch.device,
     cache: FeatureCache | None,
 ) -> list[torch.Tensor]:
-    """`_accuracy`'s pass, keeping each dataset's counts [true class, predicted class]
-    (all zero: no such split), summed over the ranks."""
+    """Each dataset's counts [true class, predicted class] on `split` (all zero: no such split),
+    each rank scoring its share, summed over the ranks."""
     matrices = []
     for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True)):
         k = len(m.classes)
