@@ -213,7 +213,8 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
         scheduler.step()
         seconds = time.perf_counter() - started
 
-        val = _accuracy(model, cfg, world, manifests, "val", device, cache)
+        confusions = _confusions(model, cfg, world, manifests, "val", device, cache)
+        val = _accuracies(confusions)
         for name, acc in zip(names, val, strict=True):
             if acc is not None:
                 metrics.val_accuracy(name, acc)
@@ -236,7 +237,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             # Confusion matrices rather than counts, from the same one pass: the report
             # that the driver writes next plots them instead of scoring the split again.
             confusions = _confusions(model, cfg, world, manifests, "test", device, cache)
-            test = [int(c.trace()) / int(c.sum()) if c.sum() else None for c in confusions]
+            test = _accuracies(confusions)
             if world.is_main:
                 save_confusions(
                     storage.join(cfg.storage, cfg.name, REPORT_DIR, TEST_CONFUSIONS),
@@ -274,20 +275,6 @@ def _sample_log(cfg: TrainConfig, world: World, pos: Position):
     return log
 
 
-def _accuracy(
-    model: MetaModel,
-    cfg: TrainConfig,
-    world: World,
-    manifests: list[Manifest],
-    split: str,
-    device: torch.device,
-    cache: FeatureCache | None,
-) -> list[float | None]:
-    """Accuracy per dataset on `split`, each rank scoring its share (None: no such split)."""
-    matrices = _confusions(model, cfg, world, manifests, split, device, cache)
-    return [int(c.trace()) / int(c.sum()) if c.sum() else None for c in matrices]
-
-
 def _confusions(
     model: MetaModel,
     cfg: TrainConfig,
@@ -319,6 +306,11 @@ def _confusions(
             part.view(c.shape) for part, c in zip(flat.cpu().split(sizes), matrices, strict=True)
         ]
     return matrices
+
+
+def _accuracies(confusions: list[torch.Tensor]) -> list[float | None]:
+    """Accuracy per dataset from its confusion counts (None: no samples in the split)."""
+    return [int(c.trace()) / int(c.sum()) if c.sum() else None for c in confusions]
 
 
 def _mean(values: list[float | None]) -> float | None:
