@@ -23,6 +23,7 @@ import boto3
 import botocore.exceptions as bx
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.retries import standard
 
 from cluster.errors import UserError
 
@@ -129,8 +130,36 @@ def client():
                 request_checksum_calculation=_checksums(CHECKSUM_VARS[0]),
                 response_checksum_validation=_checksums(CHECKSUM_VARS[1]),
             )
-            _clients[pid] = boto3.session.Session().client("s3", config=config)
+            made = boto3.session.Session().client("s3", config=config)
+            _without_retry_quota(made)
+            _clients[pid] = made
     return _clients[pid]
+
+
+class _NoRetryQuota(standard.RetryQuotaChecker):
+    """Every retry a request has attempts left for. botocore's standard and adaptive modes also
+    keep a retry quota per client (500 tokens, 14 a retry, 1 back per clean request) that, once
+    spent, fails requests at their first error: a long-lived client (a Ray worker's, a loader
+    process's) on a flaky server runs it dry after a few hundred requests and then fails
+    requests that had attempts left. ATTEMPTS and --s3-timeout bound each request instead."""
+
+    def __init__(self) -> None:
+        super().__init__(quota=None)
+
+    def acquire_retry_quota(self, context) -> bool:
+        return True
+
+    def release_retry_quota(self, context, http_response, **kwargs) -> None:
+        return None
+
+
+def _without_retry_quota(client) -> None:
+    """Replace `client`'s standard retry handler by the same one without the quota (the same
+    retryable errors, backoff and ATTEMPTS). botocore has no setting for it."""
+    name = client.meta.service_model.service_id.hyphenize()
+    client.meta.events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+    handler = standard.register_retry_handler(client, max_attempts=ATTEMPTS)
+    handler._retry_quota = _NoRetryQuota()  # the one quota a handler consults
 
 
 def _checksums(var: str) -> str:

@@ -50,9 +50,12 @@ def arrow_filesystem(url: str) -> tuple[str, fs.S3FileSystem]:
     bucket, key = s3.split(url)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # Ray Train's checkpoint uploads go through this, not boto3: give it the same patience.
+    # The AWS SDK's default strategy, not its standard one: the standard one also keeps a retry
+    # quota per client that a long run on a flaky server spends, after which a write fails at
+    # its first error however many attempts it had left (as boto3's would; `s3.client`).
     kwargs: dict = {
         "region": region,
-        "retry_strategy": fs.AwsStandardS3RetryStrategy(s3.ATTEMPTS),
+        "retry_strategy": fs.AwsDefaultS3RetryStrategy(s3.ATTEMPTS),
         "connect_timeout": min(10.0, s3.timeout()),
         "request_timeout": s3.timeout(),
     }

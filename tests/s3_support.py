@@ -37,11 +37,30 @@ DUMMY_CREDENTIALS = {
 }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
+PORTS = range(20000, 32768)
+"""Where `free_port` looks: above Ray's worker ports (10002-19999) and below the kernel's
+ephemeral range (32768-60999), which every `bind(port 0)` on the machine (Ray's processes, moto,
+clients) draws from: a port picked here is not taken between the asking and a later bind by
+another process, as a port the kernel handed out once can be."""
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive TCP ports that nothing listens on (when asked)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(PORTS.start, PORTS.stop - count)
+        if all(_bindable(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} free consecutive ports in {PORTS}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
 
 
 def admin_client(endpoint: str):
@@ -201,10 +220,15 @@ class FaultProxy:
         methods: set[str] | None = None,
         errors: list[tuple[int, str, str]] | None = None,
         keys: str = "",
+        fail_first: int = 0,
     ) -> None:
         """Fault rates per request; errors and delays only for `methods` when given (e.g. PUT)
-        and paths containing `keys`, errors drawn from `errors` (default: `S3_ERRORS`)."""
+        and paths containing `keys`, errors drawn from `errors` (default: `S3_ERRORS`).
+        `fail_first` N: each request (method and path) also fails its first N attempts, so a
+        client that retries it N times gets through, whatever the order of concurrent ones."""
         with self._lock:
+            self.fail_first = fail_first
+            self._attempts: collections.Counter[tuple[str, str]] = collections.Counter()
             self.error_rate = error_rate
             self.truncate_rate = truncate_rate
             self.delay = delay
@@ -255,6 +279,10 @@ class FaultProxy:
             chosen = self.fault_methods is None or method in self.fault_methods
             chosen = chosen and self.fault_keys in path
             delay = self.delay if chosen else 0
+            self._attempts[method, path] += 1
+            if chosen and self._attempts[method, path] <= self.fail_first:
+                self.injected["error"] += 1
+                return error, None, delay
             if error_roll < self.error_rate and chosen:
                 self.injected["error"] += 1
                 return error, None, delay

@@ -398,3 +398,19 @@ def test_a_hung_endpoint_is_reported_after_one_layer_of_retries(s3):
         listener.close()
     assert hung in one_line_error(excinfo)
     assert 1 <= len(accepted) <= s3_module.ATTEMPTS, len(accepted)
+
+
+def test_one_client_keeps_retrying_however_many_requests_failed_before(s3, bucket, fault_proxy):
+    """botocore's per-client retry quota (500 tokens, 14 a retry) would fail requests that had
+    attempts left once a long-lived process had seen ~36 requests retried twice; every one of
+    these 80 concurrent writes fails twice and then goes through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fault_proxy.set_faults(fail_first=2, errors=[(500, "InternalError", "Try again.")])
+    s3_module.set_endpoint(fault_proxy.endpoint)
+    urls = [f"{bucket}/quota/{i:03d}" for i in range(80)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda url: storage.write_bytes(url, url.encode()), urls))
+    assert fault_proxy.injected["error"] == 2 * len(urls)
+    s3_module.set_endpoint(s3.endpoint)
+    assert [storage.read_bytes(url) for url in urls] == [url.encode() for url in urls]

@@ -66,3 +66,22 @@ def test_optional_operations_degrade_with_one_warning(s3, bucket, fault_proxy, c
     assert len(err) == 2, err
     assert "does not implement ListMultipartUploads" in err[0] and err[0].startswith("warning: ")
     assert "does not implement DeleteObjects" in err[1]
+
+
+def test_ray_trains_filesystem_keeps_retrying_however_many_writes_failed_before(
+    s3, bucket, fault_proxy
+):
+    """The AWS SDK's standard strategy would fail writes that had attempts left once its
+    per-client retry quota was spent (about 17 writes whose every request fails twice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3_module.set_endpoint(fault_proxy.endpoint)
+    path, filesystem = storage.ray_storage(f"{bucket}/runs")
+    fault_proxy.set_faults(fail_first=2, errors=[(500, "InternalError", "Try again.")])
+    names = [f"{path}/quota/{i:02d}" for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: written_by_arrow(filesystem, name, name.encode()), names))
+    assert fault_proxy.injected["error"] >= 2 * len(names)
+    s3_module.set_endpoint(s3.endpoint)
+    stored = [storage.read_bytes(f"s3://{name}") for name in names]
+    assert stored == [name.encode() for name in names]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -13,29 +12,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from s3_support import free_port
 
 from cluster.cli import main
 from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
-
-
-def free_port_range(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65536 and all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("0.0.0.0", port))
-            return True
-        except OSError:
-            return False
 
 
 def samples_trained(port: int) -> float | None:
@@ -55,7 +36,7 @@ def samples_trained(port: int) -> float | None:
 
 
 def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_path, capfd):
-    port = free_port_range(2)
+    port = free_port(2)  # base port + local rank
 
     def config(**overrides):
         return small_config(
