@@ -1,8 +1,12 @@
-"""Decoding: the CPU path and the device path (run here on the CPU) cut the same crops."""
+"""Decoding: the CPU path and the device path cut the same crops.
+
+The device path runs on the CPU here; `METATRAINER_TEST_DEVICE=cuda` runs it on a GPU (nvJPEG)
+with the same expectations: `python3 -m pytest --noconftest tests/training/test_decode.py`."""
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from training.decode import (
     to_device,
 )
 
-CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("METATRAINER_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_cpu_and_device_paths_cut_the_same_crops(photos, size):
     for i, data in enumerate(photos):
         encoded.add(data, planner(i))
     assert encoded.crops[0] == planner(0)(320, 240)
-    device = to_device(encoded, CPU)
+    device = to_device(encoded, DEVICE).cpu()
     assert device.dtype == torch.uint8 and device.shape == cpu.shape == (6, 3, size, size)
     diff = (device.float() - cpu.float()).abs().mean(dim=(1, 2, 3))
     # Same region, flip and size; only the decoder's scaling differs (a few grey levels).
@@ -83,7 +87,7 @@ def test_files_the_device_cannot_take_are_decoded_on_the_cpu(photos):
     for i, data in enumerate(inputs):
         encoded.add(data, planner(i))
     assert [x is None for x in encoded.jpegs] == [False, True, True]
-    device = to_device(encoded, CPU)
+    device = to_device(encoded, DEVICE).cpu()
     for i in (1, 2):
         assert torch.equal(device[i], decode_cpu(inputs[i], 32, planner(i)))
 
@@ -95,11 +99,11 @@ def test_batches_join_and_reorder_alike_encoded_or_decoded(photos):
         for i in range(lo, hi):
             encoded.add(photos[i], planner(i))
         parts.append(encoded)
-    decoded = [to_device(p, CPU) for p in parts]
+    decoded = [to_device(p, DEVICE).cpu() for p in parts]
     order = torch.tensor([5, 0, 3, 1, 4, 2])
     expected = torch.cat(decoded)[order]
     assert torch.equal(join_images(decoded, order), expected)
-    assert torch.equal(to_device(join_images(parts, order), CPU), expected)
+    assert torch.equal(to_device(join_images(parts, order), DEVICE).cpu(), expected)
 
 
 def test_uint8_grey_jpeg_and_small_images_work():
