@@ -27,15 +27,15 @@ from training.data import TrainBatches, build_loader  # noqa: E402
 
 
 def train_batches(
-    data: str, batch_size: int, image_size: int, augment: bool, **kw
+    data: str, batch_size: int, image_size: int, augment: bool, partitions=None, **kw
 ) -> tuple[TrainBatches, TrainConfig]:
     """One rank's training batches of a prepared dataset, with the order's defaults that
-    `metatrainer train` would resolve for it."""
+    `metatrainer train` would resolve for it (or the given --partitions)."""
     dataset = storage.normalize(data)
     manifest = read_manifest(dataset)
     shards = manifest.shards("train")
     total = sum(s.num_samples for s in shards)
-    partitions, block = order.resolve(None, None, [(total, sum(s.bytes for s in shards))])
+    partitions, block = order.resolve(partitions, None, [(total, sum(s.bytes for s in shards))])
     cfg = TrainConfig(batch_size=batch_size, image_size=image_size, augment=augment,
                       partitions=partitions, shuffle_block=block)  # fmt: skip
     return TrainBatches.from_config(dataset, manifest, "train", cfg, World(), **kw), cfg
