@@ -6,6 +6,7 @@
     metatrainer evaluate --checkpoint RUNS/RUN --data DST
     metatrainer predict --checkpoint RUNS/RUN IMAGE_OR_DIR…   # classes of image files
     metatrainer report RUNS/RUN               # PNG curves + confusion matrices, per-class table
+    metatrainer tune --data DST --storage RUNS --name SWEEP --lr loguniform:1e-4:1e-2 --trials 8
 
 Each subcommand is defined next to the code it runs; this module only dispatches and turns a
 `UserError` into one line on stderr and exit status 2 (its traceback too with --debug).
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training.report import add_report_command
 
     add_report_command(sub)
+    from training.tune import add_tune_command
+
+    add_tune_command(sub)
     for command in sub.choices.values():
         command.add_argument(
             "--debug",

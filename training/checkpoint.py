@@ -29,7 +29,8 @@ class Position:
 
     epoch: int = 0
     consumed: int = 0
-    """Samples of each dataset consumed in this epoch (all ranks together)."""
+    """Samples of the epoch's stream consumed, all datasets and ranks together
+    (`training.mix`)."""
     step: int = 0
     """Global optimizer steps since the start of the run."""
     epoch_steps: int = 0

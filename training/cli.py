@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 
 from cluster.errors import UserError
@@ -53,6 +54,20 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         default=defaults.meta_lambda,
         help="weight of the adapter penalty (default: %(default)s)",
     )
+    m.add_argument(
+        "--init-from",
+        default=defaults.init_from,
+        metavar="RUN_OR_CHECKPOINT",
+        help="start from the adapters of this meta-trained run (a run directory, checkpoint "
+        "directory or state.pt, local or s3://), frozen, with a new head per dataset; needs "
+        "the same backbone (--weights, --seed); --adapters defaults to the run's stages",
+    )
+    m.add_argument(
+        "--train-adapters",
+        action="store_true",
+        default=defaults.train_adapters,
+        help="with --init-from: go on training its adapters instead of keeping them frozen",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
     o.add_argument(
@@ -102,6 +117,15 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         help="samples of a partition read and shuffled together; with --seed and --partitions "
         "it fixes the data order (default: what keeps a dataset's readers under 2 GB, 8 to "
         "4096)",
+    )
+    o.add_argument(
+        "--mix",
+        type=_mix,
+        default=defaults.mix,
+        metavar="proportional|uniform|temperature:T",
+        help="several --data: how each step's batch is shared among them, by train samples, "
+        "equally, or by samples^(1/T); an epoch reads every dataset at least once, smaller "
+        "shares going round again in a fresh order (default: %(default)s)",
     )
     c = p.add_argument_group("cluster")
     c.add_argument(
@@ -231,6 +255,15 @@ def add_checkpoint_flags(p: argparse.ArgumentParser, defaults: TrainConfig) -> N
     )
 
 
+def _mix(text: str) -> str:
+    from training.mix import parse_mix
+
+    try:
+        return parse_mix(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--mix {text!r}: ")) from None
+
+
 def _workers(text: str) -> tuple[int | None, int]:
     low, _, high = text.partition("-")
     try:
@@ -303,7 +336,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from training.driver import run_training
 
-    outcome = run_training(config_from_args(args), args.address)
+    outcome = run_training(config_from_args(args), args.address, progress_stream=sys.stderr)
     print_outcome(outcome)
     return 0
 

@@ -32,6 +32,11 @@ class TrainConfig:
     """ResNet stages (layer1..layer4) whose bottlenecks get a zero-initialised 1×1 adapter."""
     meta_lambda: float = 1e-3
     """Weight λ of the adapter penalty Σ_i mean(r_i²) in the meta-loss."""
+    init_from: str | None = None
+    """A meta-trained run, checkpoint directory or state.pt whose adapters this run starts
+    from (with new heads); only when the run has no checkpoint of its own (`training.transfer`)."""
+    train_adapters: bool = False
+    """With init_from: go on training the adapters (by default they stay frozen)."""
 
     epochs: int = 20
     batch_size: int = 32
@@ -70,6 +75,11 @@ class TrainConfig:
     shuffle_block: int | None = None
     """Samples of a partition read together and permuted together (part of the order). None:
     as many as keep the readers of a dataset under 2 GB (`training.order.auto_block`)."""
+    mix: str = "proportional"
+    """With several datasets, how a step's batch is shared among them (part of the order):
+    `proportional` to their train samples (each read once an epoch), `uniform`, or
+    `temperature:T` (∝ samples^(1/T)); an epoch reads every dataset at least once, smaller
+    shares wrapping into further passes (`training.mix`)."""
     decode: str = "auto"
     """Where training JPEGs are decoded: `cpu` (loader workers), `gpu` (in batches on the
     training GPU; other files fall back to the CPU), `auto` (gpu when training on GPUs)."""

@@ -16,7 +16,7 @@ does not depend on which rank, worker or batch decodes a sample either.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import BinaryIO
@@ -39,6 +39,7 @@ from training.decode import (
     plan_crop,
     sample_rng,
 )
+from training.mix import Mix
 from training.model import eval_center
 from training.shard_cache import ShardCache
 
@@ -169,11 +170,25 @@ class TrainBatches(_Batches):
     parts of a step. Resuming after `consumed` samples is arithmetic: each partition starts at
     (consumed + j) // P of its sequence, chunks before it are never read, and samples before it
     in its chunk are read but not decoded.
+
+    With several datasets, this is dataset `index` of a `Mix`: `consumed` counts the epoch's
+    stream (all datasets), a step takes this dataset's share of it, and its sequence may run
+    on into further passes over the split (`training.mix`). Alone, the stream is its sequence.
     """
 
-    def __init__(self, *args, partitions: int, shuffle_block: int, **kw) -> None:
+    def __init__(
+        self,
+        *args,
+        partitions: int,
+        shuffle_block: int,
+        mix: Mix | None = None,
+        index: int = 0,
+        **kw,
+    ) -> None:
         super().__init__(*args, **kw)
         self.partitions, self.block = partitions, shuffle_block
+        self.mix, self.index = mix or Mix.single(self.total), index
+        assert self.mix.sizes[index] == self.total, "the mix was made for other data"
         self.consumed = 0
 
     @classmethod
@@ -200,21 +215,28 @@ class TrainBatches(_Batches):
         return self.batch_size * self.world.world_size
 
     def __len__(self) -> int:
-        return order.steps_left(self.total, self.global_batch, self.consumed)
+        return self.mix.steps_left(self.global_batch, self.consumed)
+
+    def runs(self, before: int, after: int) -> list[tuple[int, int, int]]:
+        """This dataset's part of the stream [before, after) as (pass, first, end) runs of
+        its sequence within a pass (one run, unless a pass ends inside)."""
+        mix, d = self.mix, self.index
+        return mix.passes(d, mix.taken(d, before), mix.taken(d, after))
+
+    def step_runs(self, t: int) -> list[tuple[int, int, int]]:
+        """This dataset's runs in step t after `consumed`."""
+        before = self.consumed + t * self.global_batch
+        return self.runs(before, before + self.global_batch)
+
+    def partition_epoch(self, j: int, epoch_pass: int = 0) -> order.PartitionEpoch:
+        part = order.Partition.of(j, self.partitions, self.total)
+        return order.PartitionEpoch(part, self.block, self.seed, self.epoch, epoch_pass)
 
     def __iter__(self) -> Iterator[tuple]:
         world = self._reader_world()
         order.check_shape(self.partitions, world.world_size, world.loader_workers)
-        mine = [
-            order.PartitionEpoch(
-                order.Partition.of(j, self.partitions, self.total),
-                self.block,
-                self.seed,
-                self.epoch,
-            )
-            for j in order.reader_partitions(world.reader, world.readers, self.partitions)
-        ]
-        with _Prefetcher(self._reader(), mine, self._schedule(mine)) as chunks:
+        mine = list(order.reader_partitions(world.reader, world.readers, self.partitions))
+        with _Prefetcher(self._reader(), self.partition_epoch, self._schedule(mine)) as chunks:
             for t in range(len(self)):
                 owners: list[int] = []
                 images, labels, keys = self._decode(self._step(t, mine, chunks, owners))
@@ -223,31 +245,37 @@ class TrainBatches(_Batches):
                 yield images, labels.tolist(), owners, keys
 
     def _step(
-        self, t: int, mine: list[order.PartitionEpoch], chunks: _Prefetcher, owners: list[int]
+        self, t: int, mine: list[int], chunks: _Prefetcher, owners: list[int]
     ) -> Iterator[tuple[int, Sample]]:
-        """This reader's samples of step t, partition by partition; their owners to `owners`."""
-        g, p = self.global_batch, self.partitions
-        before, after = self.consumed + t * g, self.consumed + (t + 1) * g
-        for part in mine:
-            j = part.partition.index
-            for i in range(order.taken(j, p, before), order.taken(j, p, after)):
-                owners.append(j)
-                yield chunks.sample(t, part, i)
+        """This reader's samples of step t, pass by pass and partition by partition; their
+        owners to `owners`. A sample's place in later passes is offset by the split's size, so
+        its augmentation differs from pass to pass."""
+        p = self.partitions
+        for k, first, end in self.step_runs(t):
+            for j in mine:
+                for i in range(order.taken(j, p, first), order.taken(j, p, end)):
+                    owners.append(j)
+                    place, sample = chunks.sample(t, k, j, i)
+                    yield place + k * self.total, sample
 
-    def _schedule(self, mine: list[order.PartitionEpoch]) -> list[tuple[int, int, int]]:
-        """(step, partition, chunk) of every chunk this reader loads, in the order it needs them:
-        so a background thread can fetch them ahead, hiding storage latency behind decoding."""
-        g, p, start = self.global_batch, self.partitions, self.consumed
+    def _schedule(self, mine: list[int]) -> list[tuple[int, int, int, int]]:
+        """(step, pass, partition, chunk) of every chunk this reader loads, in the order it
+        needs them: so a background thread can fetch them ahead, hiding storage latency behind
+        decoding."""
+        g, p, start, n = self.global_batch, self.partitions, self.consumed, self.total
         schedule = []
-        for part in mine:
-            j = part.partition.index
-            first = order.taken(j, p, start)
-            last = order.taken(j, p, start + len(self) * g)
-            if first == last:
-                continue
-            for k in range(part.chunk_at(first), part.chunk_at(last - 1) + 1):
-                t = order.step_taking(max(part.starts[k], first), j, p, start, g)
-                schedule.append((t, j, k))
+        for k, a, b in self.runs(start, start + len(self) * g):
+            for j in mine:
+                first, last = order.taken(j, p, a), order.taken(j, p, b)
+                if first == last:
+                    continue
+                part = self.partition_epoch(j, k)
+                for c in range(part.chunk_at(first), part.chunk_at(last - 1) + 1):
+                    # The step whose end is the first to take sample i of partition j: its
+                    # pass-local position (i + 1)·P − j, in the stream.
+                    i = max(part.starts[c], first)
+                    needed = self.mix.needs(self.index, k * n + (i + 1) * p - j)
+                    schedule.append((max(0, -(-(needed - start) // g) - 1), k, j, c))
         schedule.sort()
         return schedule
 
@@ -260,37 +288,50 @@ class _Prefetcher:
     def __init__(
         self,
         split: SplitReader,
-        parts: list[order.PartitionEpoch],
-        schedule: list[tuple[int, int, int]],
+        partition_epoch: Callable[[int, int], order.PartitionEpoch],
+        schedule: list[tuple[int, int, int, int]],
     ) -> None:
         self.split, self.schedule = split, iter(schedule)
-        self.parts = {part.partition.index: part for part in parts}
+        self.partition_epoch = partition_epoch
+        self.parts: dict[tuple[int, int], order.PartitionEpoch] = {}  # (pass, partition) →
+        self.newest_pass = 0
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks")
         self.pending: deque = deque()
-        self.loaded: dict[int, tuple[int, list]] = {}  # partition → (chunk, its samples)
+        # partition → ((pass, chunk), its samples): a partition is read forward, pass by pass.
+        self.loaded: dict[int, tuple[tuple[int, int], list]] = {}
         for _ in range(self.AHEAD):
             self._submit()
+
+    def _part(self, k: int, j: int) -> order.PartitionEpoch:
+        if (k, j) not in self.parts:
+            if k > self.newest_pass:  # the passes before the previous one are done with
+                self.parts = {key: v for key, v in self.parts.items() if key[0] >= k - 1}
+                self.newest_pass = k
+            self.parts[k, j] = self.partition_epoch(j, k)
+        return self.parts[k, j]
 
     def _submit(self) -> None:
         step = next(self.schedule, None)
         if step is not None:
-            self.pending.append((step, self.pool.submit(self._load, *step[1:])))
+            _, k, j, c = step
+            part = self._part(k, j)
+            self.pending.append((step, self.pool.submit(self._load, part, c)))
 
-    def _load(self, j: int, k: int) -> list[tuple[int, Sample]]:
-        part = self.parts[j]
-        chunk = part.chunks[k]
+    def _load(self, part: order.PartitionEpoch, c: int) -> list[tuple[int, Sample]]:
+        chunk = part.chunks[c]
         by_place = dict(zip(chunk, self.split.read(chunk, part.partition.run), strict=True))
-        return [(p, by_place[p]) for p in part.chunk_order(k)]
+        return [(p, by_place[p]) for p in part.chunk_order(c)]
 
-    def sample(self, t: int, part: order.PartitionEpoch, i: int) -> tuple[int, Sample]:
-        """(layout position, sample) at sequence position i of `part`, needed by step t."""
-        j, k = part.partition.index, part.chunk_at(i)
-        if self.loaded.get(j, (None,))[0] != k:
+    def sample(self, t: int, k: int, j: int, i: int) -> tuple[int, Sample]:
+        """(layout position, sample) at position i of partition j's pass k, needed by step t."""
+        part = self._part(k, j)
+        c = part.chunk_at(i)
+        if self.loaded.get(j, (None,))[0] != (k, c):
             (when, *which), future = self.pending.popleft()
-            assert which == [j, k] and when == t, ((when, which), (t, j, k))
+            assert which == [k, j, c] and when == t, ((when, which), (t, k, j, c))
             self._submit()
-            self.loaded[j] = (k, future.result())
-        return self.loaded[j][1][i - part.starts[k]]
+            self.loaded[j] = ((k, c), future.result())
+        return self.loaded[j][1][i - part.starts[c]]
 
     def __enter__(self) -> _Prefetcher:
         return self

@@ -8,6 +8,7 @@ initialised (seeded) frozen backbone; on real data use --weights imagenet or a l
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,6 @@ def run_demo(workdir: str, cfg: TrainConfig, address: str | None = None) -> None
     cfg.storage = str(runs)
     cfg.name = time.strftime("demo-%Y%m%d-%H%M%S")
     print(f"\ntraining run {cfg.name} with {cfg.workers} workers")
-    outcome = run_training(cfg, address)
+    outcome = run_training(cfg, address, progress_stream=sys.stderr)
     print_outcome(outcome)
     print(f"shards          {shards}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
+from typing import IO
 
 import ray
 import ray.train
@@ -23,13 +24,15 @@ from cluster.environ import environment
 from cluster.errors import UserError, one_line
 from cluster.ray_cluster import connect
 from data_prep.contract import read_manifest
-from training import order
+from training import order, progress
 from training.config import TrainConfig
 from training.features import cache_applies
 from training.loop import train_loop_per_worker
+from training.mix import Mix, parse_mix
 from training.model import WEIGHT_ENUMS, check_weights_flags, load_resnet50
 from training.quiet import QuietController
 from training.resume import repair_snapshot
+from training.transfer import check_init
 from training.weights import is_remote
 
 RESULT_FILE = "result.json"
@@ -61,6 +64,7 @@ def preflight(cfg: TrainConfig) -> None:
         raise UserError(f"--start-timeout must be more than 0 seconds, not {cfg.start_timeout}")
     if cfg.decode == "gpu" and not cfg.gpus_per_worker:
         raise UserError("--decode gpu needs GPUs: give --gpus-per-worker, or --decode cpu")
+    check_init(cfg)  # --init-from: a run with adapters, on this backbone (fills --adapters)
     cache_applies(cfg)  # --feature-cache on where it cannot apply: say so now
     cfg.weights_sha256 = check_weights_flags(cfg.weights, cfg.weights_sha256)
     trains = {d: read_manifest(d).shards("train") for d in cfg.data}
@@ -68,12 +72,18 @@ def preflight(cfg: TrainConfig) -> None:
     splits = [(sizes[d], sum(s.bytes for s in shards)) for d, shards in trains.items()]
     cfg.partitions, cfg.shuffle_block = order.resolve(cfg.partitions, cfg.shuffle_block, splits)
     check_workers(cfg)
-    for d, n in sizes.items():
-        if order.steps_left(n, cfg.workers * cfg.batch_size) == 0:
-            raise UserError(
-                f"{d}: the train split has {n} samples, fewer than {cfg.workers} workers × "
-                f"batch {cfg.batch_size}; lower --batch-size or --workers"
-            )
+    cfg.mix = parse_mix(cfg.mix)
+    if cfg.batch_size < len(cfg.data):
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is shared by {len(cfg.data)} datasets: give at "
+            f"least {len(cfg.data)}"
+        )
+    global_batch = cfg.workers * cfg.batch_size
+    if Mix.of(cfg.mix, list(sizes.values())).steps_left(global_batch) == 0:
+        raise UserError(
+            f"the train splits have {sum(sizes.values())} samples, fewer than {cfg.workers} "
+            f"workers × batch {cfg.batch_size}; lower --batch-size or --workers"
+        )
     if cfg.weights != "none":
         # Reads and checks a local file; downloads a URL (or torchvision's file) into this
         # node's cache, where this node's workers find it. A missing object, a refusal, a
@@ -100,7 +110,8 @@ def check_workers(cfg: TrainConfig) -> None:
         )
 
 
-def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
+def resolve_locations(cfg: TrainConfig) -> None:
+    """The S3 endpoint and every path as the workers must get them (idempotent)."""
     s3.set_endpoint(cfg.s3_endpoint)
     s3.set_timeout(cfg.s3_timeout)
     cfg.s3_endpoint = s3.endpoint()  # the workers get it explicitly (their env is fixed)
@@ -111,14 +122,26 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         cfg.weights = storage.normalize(cfg.weights)
     cfg.sample_log = cfg.sample_log and storage.normalize(cfg.sample_log)
     cfg.cache_dir = cfg.cache_dir and storage.normalize(cfg.cache_dir)
+
+
+def run_training(
+    cfg: TrainConfig,
+    address: str | None = None,
+    callbacks: list[ray.train.UserCallback] | None = None,
+    progress_stream: IO[str] | None = None,
+) -> TrainOutcome:
+    """Train; `callbacks` join the run's (`metatrainer tune` passes Tune's reporter); a live
+    progress line goes to `progress_stream` when it is a terminal (`training.progress`)."""
+    resolve_locations(cfg)
     preflight(cfg)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
     # Ray refuses to restore a run whose list of checkpoints names a directory that is gone.
     repair_snapshot(storage.join(cfg.storage, cfg.name), lambda m: print(m, file=sys.stderr))
+    line, board = progress.start(progress_stream)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={**cfg.to_dict(), **board},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers if cfg.min_workers is None else (cfg.min_workers, cfg.workers),
             use_gpu=cfg.gpus_per_worker > 0,
@@ -135,7 +158,10 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
             # Our workers print one line per epoch; Ray's per-report INFO lines drown it.
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=[] if cfg.debug else [QuietController(START_ATTEMPTS)],
+            callbacks=[
+                *([] if cfg.debug else [QuietController(START_ATTEMPTS)]),
+                *(callbacks or []),
+            ],
         ),
     )
     try:
@@ -146,6 +172,9 @@ def run_training(cfg: TrainConfig, address: str | None = None) -> TrainOutcome:
         if _caused_by(e, "WorkerGroupStartupTimeoutError"):
             raise UserError(_no_workers(cfg)) from None
         raise UserError(f"training failed: {_root_cause(e)}") from None
+    finally:
+        if line:
+            line.close()
     run_dir = storage.join(cfg.storage, cfg.name)
     metrics = dict(result.metrics or {})
     document = {"config": cfg.to_dict(), **metrics}

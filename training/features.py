@@ -1,17 +1,19 @@
 """The feature cache: the frozen backbone's pooled features of each split, computed once a run.
 
-When nothing inside the backbone trains (no adapters) and no random augmentation is on, a
-sample's 2048-d features never change: computing them every epoch is the whole cost of an
-epoch. So they are computed once, stored with the run, and every epoch trains the heads from
-them, in exactly the order (and so to exactly the weights) of the uncached run.
+When nothing inside the backbone trains (no adapters, or adapters frozen as `--init-from`
+carried them) and no random augmentation is on, a sample's 2048-d features never change:
+computing them every epoch is the whole cost of an epoch. So they are computed once, stored
+with the run, and every epoch trains the heads from them, in exactly the order (and so to
+exactly the weights) of the uncached run.
 
     STORAGE/NAME/features/<key>/piece-000000.pt     PIECE samples of a split's layout each
 
-The key digests everything the features depend on: the backbone's fingerprint, image size and
-crop, where JPEGs are decoded, the precision, and the split's shards (names and sha256). A
-change of any of them is a new key, so stale features are never used. A piece is written
-atomically (temporary name, then rename; one PUT on S3), so a run interrupted while filling the
-cache keeps its finished pieces and computes only the rest when it resumes.
+The key digests everything the features depend on: the backbone's fingerprint, the frozen
+adapters' (if any), image size and crop, where JPEGs are decoded, the precision, and the
+split's shards (names and sha256). A change of any of them is a new key, so stale features are
+never used. A piece is written atomically (temporary name, then rename; one PUT on S3), so a
+run interrupted while filling the cache keeps its finished pieces and computes only the rest
+when it resumes.
 
 Rank r fills pieces r, r+R, …; training then loads, from all pieces, only the rows of its own
 partitions (1/R of the split), and evaluation counts on the rank's own pieces.
@@ -36,8 +38,9 @@ from training import order
 from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
 from training.decode import to_input
-from training.model import MetaModel, eval_center
+from training.model import MetaModel, eval_center, state_fingerprint
 from training.step import autocast
+from training.transfer import adapters_frozen
 
 PIECE = 4096
 """Samples per stored piece (at most): the unit of filling, resuming and loading."""
@@ -50,11 +53,12 @@ exactly when its per-rank batches hold at least 16 samples (and within rounding 
 
 def cache_applies(cfg: TrainConfig) -> bool:
     """Whether this run trains from cached features (`--feature-cache`)."""
-    fits = not cfg.adapters and not cfg.augment
+    fits = (not cfg.adapters or adapters_frozen(cfg)) and not cfg.augment
     if cfg.feature_cache == "on" and not fits:
         raise UserError(
             "--feature-cache on needs a backbone with nothing to train and fixed inputs: drop "
-            "--adapters and add --no-augment, or use --feature-cache auto"
+            "--adapters (or keep --init-from's frozen: no --train-adapters) and add "
+            "--no-augment, or use --feature-cache auto"
         )
     return cfg.feature_cache != "off" and fits
 
@@ -66,9 +70,11 @@ def cache_key(
     split: str,
     device: torch.device,
     device_decode: bool = False,
+    adapters: str | None = None,
 ) -> str:
     """What a split's features depend on, digested (see the module docstring); `device_decode`
-    as the loop resolved --decode for this worker."""
+    as the loop resolved --decode for this worker; `adapters` the frozen adapters'
+    fingerprint (`adapters_fingerprint`), None without adapters."""
     described = {
         "format": 1,
         "backbone": backbone_sha,
@@ -78,8 +84,15 @@ def cache_key(
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "shards": [[s.name, s.sha256] for s in manifest.shards(split)],
         "piece": PIECE,
-    }
+    } | ({"adapters": adapters} if adapters else {})
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def adapters_fingerprint(model: MetaModel) -> str | None:
+    """The adapters' values as the features see them (None: no adapters): features computed
+    through adapters are only reusable with those very adapters."""
+    state = {k: v for k, v in model.state_dict().items() if ".adapter." in k}
+    return state_fingerprint(state) if state else None
 
 
 @dataclass
@@ -130,8 +143,9 @@ class FeatureCache:
     def fill(self, dataset: str, manifest: Manifest, split: str) -> str:
         """Compute this rank's missing pieces of `split`; returns the cache directory."""
         key = cache_key(
-            self.backbone_sha, self.cfg, manifest, split, self.device, self.device_decode
-        )
+            self.backbone_sha, self.cfg, manifest, split, self.device, self.device_decode,
+            adapters_fingerprint(self.model),
+        )  # fmt: skip
         where = storage.join(self.root, key)
         total = manifest.num_samples(split)
         pieces = self._pieces(total)
@@ -248,22 +262,23 @@ class CachedBatches:
 
     def __iter__(self) -> Iterator[tuple]:
         b, feats = self.batches, self.feats
-        p, g, world = b.partitions, b.global_batch, b.world
+        p, world = b.partitions, b.world
         keys = order.batch_keys(p)
         mine = sorted(range(world.rank, p, world.world_size), key=lambda j: keys[j])
-        sequences = {
-            j: order.PartitionEpoch(
-                order.Partition.of(j, p, b.total), b.block, b.seed, b.epoch
-            ).positions
-            for j in mine
-        }
+        sequences: dict[tuple[int, int], list[int]] = {}  # (pass, partition) → its positions
         for t in range(len(b)):
-            before, after = b.consumed + t * g, b.consumed + (t + 1) * g
+            runs = b.step_runs(t)  # several passes only where a mixed dataset wraps
+            for k, _, _ in runs:
+                if (k, mine[0]) not in sequences:  # a new pass: those before the last are done
+                    sequences = {key: v for key, v in sequences.items() if key[0] >= k - 1}
+                    sequences |= {(k, j): b.partition_epoch(j, k).positions for j in mine}
             positions = [
                 x
                 for j in mine
-                for x in sequences[j][order.taken(j, p, before) : order.taken(j, p, after)]
+                for k, first, end in runs
+                for x in sequences[k, j][order.taken(j, p, first) : order.taken(j, p, end)]
             ]
-            rows = feats.row_of[torch.tensor(positions, device=feats.row_of.device)]
+            where = torch.tensor(positions, dtype=torch.int64, device=feats.row_of.device)
+            rows = feats.row_of[where]
             keys_out = [feats.keys[i] for i in rows.tolist()] if b.with_keys else []
             yield feats.features[rows], feats.labels[rows], keys_out

@@ -1,11 +1,13 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
 Reads top to bottom: build the model, restore the newest readable checkpoint if the run is
-being resumed (mid-epoch included), fill the feature cache where it applies
-(`training.features`), then per step: one batch of every dataset (images, or their cached
-features), `training.step.train_step`; every --checkpoint-every-steps steps and at each
-epoch's end a checkpoint (a typed `TrainState`); after each epoch validation. Every rank calls
-`ray.train.report` (it is a barrier); rank 0 attaches the checkpoint files.
+being resumed (mid-epoch included; a new run with --init-from takes that run's adapters,
+`training.transfer`), fill the feature cache where it applies
+(`training.features`), then per step: each dataset's share of the global batch as `--mix`
+splits it (images, or their cached features), `training.step.train_step`; every
+--checkpoint-every-steps steps and at each epoch's end a checkpoint (a typed `TrainState`);
+after each epoch validation. Every rank calls `ray.train.report` (it is a barrier); rank 0
+attaches the checkpoint files.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch.distributed as dist
 
 from cluster import s3, storage
 from cluster.environ import CACHE_DIR_VAR
+from cluster.errors import UserError
 from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
+from training import progress
 from training.checkpoint import Position, TrainState, rng_state, save_state, set_rng_state
 from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
@@ -40,10 +44,13 @@ from training.evaluate import (
 )
 from training.features import CachedBatches, FeatureCache, cache_applies
 from training.loss import MetaLoss
+from training.mix import Mix
 from training.model import MetaModel, build_model, state_fingerprint
+from training.progress import Poster
 from training.quiet import quiet_worker_logs
 from training.resume import check_resumable, restore_state
 from training.step import LossSums, prepare_compute, train_step
+from training.transfer import adapters_frozen, check_same_transfer, init_adapters
 
 # DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
 # backbone has no BatchNorm statistics to keep in sync, so do not sync buffers every forward.
@@ -84,19 +91,24 @@ def train_loop_per_worker(config: dict) -> None:
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
     metrics = serve_metrics(port, cfg.name, world.rank)
+    poster = Poster(config.get(progress.CONFIG_KEY) if world.is_main else None, cfg.epochs)
     try:
-        _train(cfg, world, metrics)
+        _train(cfg, world, metrics, poster)
     finally:
         metrics.close()
 
 
-def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) -> None:
+def _train(
+    cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics, poster: Poster
+) -> None:
     device = ray.train.torch.get_device()
     manifests = [read_manifest(d) for d in cfg.data]
     classes = [len(m.classes) for m in manifests]
     model = build_model(cfg.weights, classes, cfg.adapters, cfg.seed, cfg.weights_sha256)
     backbone_sha = model.backbone_fingerprint()
     digests = [m.digest() for m in manifests]
+    if adapters_frozen(cfg):
+        model.freeze_adapters()  # before the optimizer, which takes what trains
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
     loss_fn = MetaLoss(cfg.meta_lambda)
@@ -106,6 +118,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     state = restore_state(cfg, world, say)
     if state:
         check_resumable(state, cfg, backbone_sha, digests)
+        check_same_transfer(state, cfg)
         model.load_trainable(state.model)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -116,6 +129,12 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 f"resuming {cfg.name} at epoch {pos.epoch + 1}, sample {pos.consumed} "
                 f"(step {pos.step}) on {world.world_size} workers"
             )
+    elif cfg.init_from:
+        # Only a run without a checkpoint of its own starts from another run's adapters.
+        init_adapters(model, cfg, backbone_sha)
+        if world.is_main:
+            how = "training" if cfg.train_adapters else "frozen"
+            say(f"adapters from {cfg.init_from} ({how}), new heads")
 
     prepare_compute(model, device)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
@@ -124,11 +143,17 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     urls = _gather(metrics.url, world)
     names = dataset_labels(cfg.data)
     device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
-    train_sets = [
-        TrainBatches.from_config(
-            d, m, "train", cfg, world, with_keys=bool(cfg.sample_log), device_decode=device_decode
+    # One stream of samples an epoch, shared among the datasets by --mix (`training.mix`).
+    mix = Mix.of(cfg.mix, [m.num_samples("train") for m in manifests])
+    if len(cfg.data) > cfg.batch_size:
+        raise UserError(
+            f"--batch-size {cfg.batch_size} is shared among {len(cfg.data)} --data datasets: "
+            f"give at least {len(cfg.data)}"
         )
-        for d, m in zip(cfg.data, manifests, strict=True)
+    kw = {"with_keys": bool(cfg.sample_log), "device_decode": device_decode, "mix": mix}
+    train_sets = [
+        TrainBatches.from_config(d, m, "train", cfg, world, index=i, **kw)
+        for i, (d, m) in enumerate(zip(cfg.data, manifests, strict=True))
     ]
     cache = None
     if cache_applies(cfg):
@@ -145,12 +170,15 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
     sums = LossSums(device)
     clock = StepClock(metrics)
 
+    latest = {"loss": None}  # the last loss read from the device, for the progress line
+
     def read_losses() -> None:
         """The one host sync of the loss terms: every --log-every steps and before reports."""
         totals, steps = sums.take()
         if steps:
             pos.add_losses(totals)
             metrics.losses(*(v / steps for v in totals))
+            latest["loss"] = totals[0] / steps
 
     def checkpoint(record: dict) -> None:
         """Every rank reports (it is a barrier); only rank 0 writes and attaches the files.
@@ -193,7 +221,9 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             # Cached features are already on the device; images are decoded/normalised there.
             inputs = torch.cat([b[0] if cache else to_input(b[0], device) for b in batch])
             targets = [b[1].to(device, non_blocking=True) for b in batch]
-            sums.add(train_step(ddp_model, inputs, targets, optimizer, loss_fn))
+            # Each dataset's mean is over the whole step's samples of it (`training.loss`).
+            shares = [n / world.world_size for n in mix.split(pos.consumed, stride)]
+            sums.add(train_step(ddp_model, inputs, targets, optimizer, loss_fn.for_step(shares)))
             if log:
                 for d, x in enumerate(batch):
                     keys = " ".join(x[2])
@@ -204,6 +234,8 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
                 # The host sync waits for the steps queued on the GPU: step time, not data wait.
                 read_losses()
             clock.step_done({n: len(y) for n, y in zip(names, targets, strict=True)})
+            poster.step(pos.epoch, i + 1, steps, (i + 1) * stride,
+                        time.perf_counter() - started, latest["loss"])  # fmt: skip
             every = cfg.checkpoint_every_steps
             if every and pos.step % every == 0 and i < steps - 1:
                 read_losses()
@@ -227,7 +259,7 @@ def _train(cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics) 
             "val_accuracy": _mean(val),
             # Kept in the history (every checkpoint's position): `metatrainer report` plots it.
             "val_accuracy_per_dataset": dict(zip(names, val, strict=True)),
-            "samples_per_second": steps * stride * len(train_sets) / seconds,
+            "samples_per_second": steps * stride / seconds,
             "epoch_seconds": seconds,
         }
         pos = pos.next_epoch(dict(record))

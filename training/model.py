@@ -214,13 +214,24 @@ class MetaModel(nn.Module):
         sizes = sizes or [x.shape[0]]
         feats = (x if x.dim() == 2 else self.features(x)).split(sizes)
         logits = [head(f) for head, f in zip(self.heads, feats, strict=False)]
-        penalty = sum((a.penalty for a in self.adapters), x.new_zeros(()))
+        # Frozen adapters (`freeze_adapters`) are a fixed part of the backbone: their penalty
+        # trains nothing, and with cached features (x.dim() == 2) they did not even run.
+        trained = [a.penalty for a in self.adapters if a.adapter.weight.requires_grad]
+        penalty = sum(trained, x.new_zeros(()))
         return logits, penalty
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what trains (adapters, heads): what checkpoints hold and fingerprints cover."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        """Only what trains (adapters, heads): what checkpoints hold and fingerprints cover.
+        Frozen adapters (`freeze_adapters`) too: they are this model's, not the backbone's."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad or ".adapter." in n}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def freeze_adapters(self) -> None:
+        """Keep the adapters as they are (carried from a meta-trained run): only the heads
+        train, and the whole backbone runs under no_grad."""
+        for a in self.adapters:
+            a.adapter.weight.requires_grad_(False)
+        self.first_adapted = len(STAGES)
 
     def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state_dict())

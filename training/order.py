@@ -223,12 +223,17 @@ def batch_keys(count: int) -> tuple[int, ...]:
 
 
 class PartitionEpoch:
-    """Partition j's sequence in one epoch: sequence position → layout position."""
+    """Partition j's sequence in one epoch: sequence position → layout position. A dataset
+    mixed with larger ones may read its split several times an epoch (`training.mix`): pass
+    k > 0 is another order of the same partition, seeded with k too."""
 
-    def __init__(self, partition: Partition, block: int, seed: int, epoch: int) -> None:
+    def __init__(
+        self, partition: Partition, block: int, seed: int, epoch: int, epoch_pass: int = 0
+    ) -> None:
         self.partition, self.block, self.seed, self.epoch = partition, block, seed, epoch
+        self.key = f"{seed}:{epoch}" + (f".{epoch_pass}" if epoch_pass else "")
         chunks = partition.chunks(block)
-        random.Random(f"{seed}:{epoch}:{partition.index}:chunks").shuffle(chunks)
+        random.Random(f"{self.key}:{partition.index}:chunks").shuffle(chunks)
         self.chunks = chunks
         self.starts = [0]
         for c in chunks:
@@ -242,9 +247,7 @@ class PartitionEpoch:
         """Layout positions of chunk k's samples in this epoch's order."""
         chunk = self.chunks[k]
         perm = list(chunk)
-        random.Random(f"{self.seed}:{self.epoch}:{self.partition.index}:{chunk.start}").shuffle(
-            perm
-        )
+        random.Random(f"{self.key}:{self.partition.index}:{chunk.start}").shuffle(perm)
         return perm
 
     @cached_property

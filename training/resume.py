@@ -26,7 +26,9 @@ from training.checkpoint import TrainState, load_state
 from training.config import TrainConfig
 
 # A resumed run must train the same model on the same data in the same order.
-IDENTITY_FIELDS = ("data", "weights", "adapters", "seed", "partitions", "shuffle_block")
+IDENTITY_FIELDS = (
+    "data", "weights", "adapters", "seed", "partitions", "shuffle_block", "mix"
+)  # fmt: skip
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train (V2)'s list of a run's checkpoints, in the run directory."""
@@ -161,7 +163,9 @@ def check_resumable(
     """Refuse, in one line, to resume onto another model, order or data. `datasets`: each
     dataset's manifest digest now (`manifest_digest`)."""
     before = state.config
-    changed = [f for f in IDENTITY_FIELDS if before.get(f) != getattr(cfg, f)]
+    # One dataset's order is the same under every --mix (and runs from before --mix had none).
+    fields = [f for f in IDENTITY_FIELDS if f != "mix" or len(cfg.data) > 1]
+    changed = [f for f in fields if before.get(f) != getattr(cfg, f)]
     if changed:
         flags = ", ".join(f"--{f.replace('_', '-')}" for f in changed)
         raise UserError(

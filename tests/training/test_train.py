@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from s3_support import free_port
 
 from cluster.cli import main
+from training import progress
 from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
 
@@ -48,7 +50,10 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
 
     cfg = config(metrics_port=port)
     outcome: dict = {}
-    worker = threading.Thread(target=lambda: outcome.update(first=run_training(cfg)))
+    terminal = Terminal()
+    worker = threading.Thread(
+        target=lambda: outcome.update(first=run_training(cfg, progress_stream=terminal))
+    )
     worker.start()
     seen: dict[int, list[float]] = {port: [], port + 1: []}
     while worker.is_alive():
@@ -59,6 +64,14 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
         time.sleep(0.2)
     worker.join()
     first = outcome["first"]
+
+    # On a terminal, a live line: epochs and steps counting up, a rate, an ETA, the loss.
+    lines = [w.strip("\x1b[K\r") for w in terminal.writes]
+    assert terminal.writes[-1] == "\x1b[K"  # cleared at the end
+    drawn = [line for line in lines if line]
+    assert len(set(drawn)) >= 3 and any(line.startswith("epoch 3/3 · step ") for line in drawn)
+    assert all(" samples/s" in line for line in drawn), drawn
+    assert any(" · ETA 0:" in line and " · loss " in line for line in drawn), drawn
 
     # Both local ranks served /metrics on base port + local rank, with growing counters.
     for p, values in seen.items():
@@ -87,6 +100,30 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
     [(_, accuracy, n)] = evaluate_checkpoint(second.run_dir, loader_workers=0)
     assert accuracy == pytest.approx(resumed["test_accuracy"])
     assert n > 0
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, keeping each write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+
+def test_the_progress_line_only_on_a_terminal():
+    assert progress.start(io.StringIO()) == (None, {})  # a log file or pipe: nothing started
+    state = dict(epoch=2, epochs=3, step=10, steps=40, samples=640, seconds=5.0, loss=0.71234)
+    assert progress.render(state) == (
+        "epoch 2/3 · step 10/40 · 128 samples/s · ETA 0:15 · loss 0.7123"
+    )
+    assert "loss" not in progress.render({**state, "loss": None})
 
 
 def test_train_errors_are_one_line(tmp_path, capsys, shards):

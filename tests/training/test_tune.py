@@ -1,0 +1,96 @@
+"""`metatrainer tune` on the session's real Ray cluster: 4 tiny trials of 1 CPU worker each."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import main
+from training.evaluate import load_trained
+
+SPACE = {
+    "--lr": "loguniform:1e-3:1e-1",
+    "--meta-lambda": "uniform:0:0.01",
+    "--adapters": "choice:none,layer4",
+    "--batch-size": "choice:16,32",
+}
+
+
+def tune_args(shards: str, storage: Path, *extra: str) -> list[str]:
+    flags = [x for item in SPACE.items() for x in item]
+    return [
+        "tune", "--data", shards, "--storage", str(storage), "--name", "sweep",
+        "--trials", "4", "--max-concurrent", "4", "--epochs", "2", *flags,
+        "--weights", "none", "--image-size", "32", "--no-augment", "--workers", "1",
+        "--loader-workers", "0", "--metrics-port", "0", "--max-failures", "0", *extra,
+    ]  # fmt: skip
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
+    assert main(tune_args(shards, tmp_path)) == 0
+    out = capsys.readouterr().out
+    table = tmp_path / "sweep" / "trials.csv"
+    rows = read_table(table)
+
+    # One row a trial, its values drawn from the space, its status and epochs consistent.
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
+    for r in rows:
+        assert 1e-3 <= float(r["lr"]) <= 1e-1
+        assert 0 <= float(r["meta_lambda"]) <= 0.01
+        assert r["adapters"] in ("none", "layer4") and r["batch_size"] in ("16", "32")
+        assert (r["status"], r["epochs"]) in (("TERMINATED", "2"), ("STOPPED", "1")), r
+        assert 0 <= float(r["best_val_accuracy"]) <= 1
+        assert r["trial"] in out
+    assert any(r["status"] == "TERMINATED" for r in rows), "ASHA lets the leader finish"
+
+    # The best trial's run directory is a run that evaluate and load_trained accept.
+    best_line = [line for line in out.splitlines() if line.startswith("best run")]
+    best_dir = best_line[0].split()[-1]
+    best = max(rows, key=lambda r: float(r["best_val_accuracy"]))
+    assert best_dir == best["run_dir"] and Path(best_dir).parent == tmp_path / "sweep"
+    model, cfg, state = load_trained(best_dir)
+    assert cfg.lr == pytest.approx(float(best["lr"]))
+    assert cfg.batch_size == int(best["batch_size"])
+    assert ("+".join(cfg.adapters) or "none") == best["adapters"]
+    assert state.position.epoch == int(best["epochs"])
+    assert main(["evaluate", "--checkpoint", best_dir, "--loader-workers", "0"]) == 0
+    capsys.readouterr()
+
+    # The same command again restores the search: nothing is trained again.
+    checkpoints = sorted((tmp_path / "sweep").glob("*/checkpoint_*"))
+    assert main(tune_args(shards, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "restoring the search" in out
+    assert read_table(table) == rows
+    assert sorted((tmp_path / "sweep").glob("*/checkpoint_*")) == checkpoints
+
+    # Other flags under the same name: one line, no training.
+    assert main(tune_args(shards, tmp_path, "--trials", "5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trials 4, now 5" in err and "--name" in err
+
+
+@pytest.mark.parametrize(
+    "flag, spec, hint",
+    [
+        ("--lr", "loguniform:0:1", "LOW > 0"),
+        ("--lr", "uniform:1e-3", "LOW:HIGH"),
+        ("--lr", "normal:0:1", "choice:A,B"),
+        ("--meta-lambda", "choice:", "at least one value"),
+        ("--batch-size", "uniform:8:32", "choice:A,B"),
+        ("--batch-size", "choice:16,x", "whole number"),
+        ("--adapters", "choice:none,layer5", "layer3+layer4"),
+    ],
+)
+def test_bad_search_specs_are_one_line(tmp_path, capsys, flag, spec, hint):
+    args = ["tune", "--data", str(tmp_path), "--storage", str(tmp_path), "--name", "x"]
+    assert main([*args, flag, spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err and hint in err
