@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from reference_run import REFERENCE_RUN
 
 from data_prep.prep import prep
 from training.config import TrainConfig
@@ -38,3 +40,18 @@ def small_config() -> Callable[..., TrainConfig]:
         return TrainConfig(**{**values, **overrides})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def reference_run(shards, small_config, tmp_path_factory) -> tuple[dict, Path, Path]:
+    """REFERENCE_RUN trained once, with a sample log, for every module that compares with it:
+    (its result.json, its run directory (never changed; copy it), its sample-log directory)."""
+    from training.driver import run_training
+
+    root = tmp_path_factory.mktemp("reference")
+    log = root / "log" / "reference"
+    cfg = small_config(
+        shards, root / "runs", name="reference", sample_log=str(log), **REFERENCE_RUN
+    )
+    outcome = run_training(cfg)
+    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import sample_log
+from reference_run import REFERENCE_RUN
 from sample_log import trained_history, wait_for
 
 from training.config import TrainConfig
 from training.driver import run_training
 
-EPOCHS, BATCH, WORKERS = 2, 8, 2
+EPOCHS, BATCH, WORKERS = REFERENCE_RUN["epochs"], REFERENCE_RUN["batch_size"], 2
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,9 @@ def config(small_config):
     def make(shards: str, root: Path, name: str, **overrides) -> TrainConfig:
         values = dict(
             name=name,
-            batch_size=BATCH,
-            epochs=EPOCHS,
+            **REFERENCE_RUN,
             workers=WORKERS,
             max_failures=6,
-            checkpoint_every_steps=4,
-            keep_checkpoints=3,
-            shuffle_block=128,
             sample_log=str(root / "log" / name),
         )
         return small_config(shards, root / "runs", **{**values, **overrides})
@@ -52,11 +49,10 @@ def assert_exactly_once(history: dict[tuple, list[str]], reference: dict[tuple, 
 
 
 @pytest.fixture(scope="module")
-def reference(shards, config, tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
-    outcome = run_training(config(shards, root, "reference"))
-    result = json.loads(Path(outcome.result_file).read_text())
-    return result, trained_history(str(root / "log" / "reference")), outcome
+def reference(reference_run):
+    """The session's uninterrupted run (conftest.py): its result and what each rank trained."""
+    result, run_dir, log = reference_run
+    return result, trained_history(str(log)), run_dir
 
 
 def worker_pids() -> list[int]:

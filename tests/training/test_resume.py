@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference_run import REFERENCE_RUN
 
 from cluster.errors import UserError
 from cluster.world import World
@@ -31,45 +32,45 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def config(small_config):
     def make(shards: str, root: Path, name: str, **overrides):
-        values = dict(
-            name=name,
-            batch_size=8,
-            epochs=2,
-            checkpoint_every_steps=4,
-            keep_checkpoints=3,
-            shuffle_block=128,
-        )
+        values = dict(name=name, **REFERENCE_RUN)
         return small_config(shards, root / "runs", **{**values, **overrides})
 
     return make
 
 
 @pytest.fixture(scope="module")
-def reference(shards, config, tmp_path_factory) -> tuple[dict, Path]:
-    """An uninterrupted run: its result, and its run directory (copied, never changed)."""
-    outcome = run_training(config(shards, tmp_path_factory.mktemp("reference"), "run"))
-    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir)
+def reference(reference_run) -> tuple[dict, Path]:
+    """The session's uninterrupted run (conftest.py): its result, and its run directory."""
+    result, run_dir, _ = reference_run
+    return result, run_dir
 
 
 def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name))
 
 
+def cut_off(d: Path) -> None:
+    (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:999])
+
+
 DAMAGE = {
-    "directory deleted": shutil.rmtree,
-    # A copy cut off after it made the directory, or in the middle of state.pt.
-    "state.pt missing": lambda d: (d / STATE_FILE).unlink(),
-    "state.pt cut off": lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:999]),
+    # The newest checkpoint (and the one before it): its directory gone; a copy cut off in the
+    # middle of state.pt, after one that had made the directory but not written state.pt.
+    "directory deleted": [shutil.rmtree],
+    "state.pt cut off, the one before missing": [cut_off, lambda d: (d / STATE_FILE).unlink()],
 }
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_broken_newest_checkpoint_falls_back(damage, shards, config, reference, tmp_path, capfd):
+def test_broken_newest_checkpoints_fall_back(damage, shards, config, reference, tmp_path, capfd):
     result, reference_dir = reference
     run_dir = tmp_path / "runs" / "run"
     shutil.copytree(reference_dir, run_dir)
-    *_, previous, newest = checkpoint_names(run_dir)
-    DAMAGE[damage](run_dir / newest)
+    names = checkpoint_names(run_dir)
+    broken = names[::-1][: len(DAMAGE[damage])]  # newest first
+    for name, harm in zip(broken, DAMAGE[damage], strict=True):
+        harm(run_dir / name)
+    resumed_from = names[-1 - len(broken)]
     capfd.readouterr()
 
     rerun = run_training(config(shards, tmp_path, "run"))
@@ -77,10 +78,11 @@ def test_broken_newest_checkpoint_falls_back(damage, shards, config, reference, 
     out = capfd.readouterr()
     text = out.out + out.err
     warnings = [line for line in text.splitlines() if "warning:" in line]
-    assert len(warnings) == 1, text
-    assert f"skipping checkpoint {newest}" in warnings[0]
+    assert 1 <= len(warnings) <= len(broken), text  # one line names each, or both at once
+    for name in broken:
+        assert any(f"skipping checkpoint {name}" in w for w in warnings), (name, warnings)
     assert "CheckpointManagerInitializationError" not in text
-    assert f"(step {int(previous.split('_')[1])})" in text  # "resuming run at epoch ..."
+    assert f"(step {int(resumed_from.split('_')[1])})" in text  # "resuming run at epoch ..."
     final = json.loads(Path(rerun.result_file).read_text())
     assert final["fingerprint"] == result["fingerprint"]
     assert final["test_accuracy"] == result["test_accuracy"]
