@@ -26,7 +26,6 @@ import torch.distributed as dist
 
 from cluster import s3, storage
 from cluster.environ import CACHE_DIR_VAR
-from cluster.errors import UserError
 from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest
@@ -46,7 +45,6 @@ from training.features import CachedBatches, FeatureCache, cache_applies
 from training.loss import MetaLoss
 from training.mix import Mix
 from training.model import MetaModel, build_model, state_fingerprint
-from training.progress import Poster
 from training.quiet import quiet_worker_logs
 from training.resume import check_resumable, restore_state
 from training.step import LossSums, prepare_compute, train_step
@@ -91,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     world = World.from_ray()
     port = cfg.metrics_port + world.local_rank if cfg.metrics_port else 0
     metrics = serve_metrics(port, cfg.name, world.rank)
-    poster = Poster(config.get(progress.CONFIG_KEY) if world.is_main else None, cfg.epochs)
+    poster = progress.Poster(config.get(progress.CONFIG_KEY) if world.is_main else None, cfg.epochs)
     try:
         _train(cfg, world, metrics, poster)
     finally:
@@ -99,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _train(
-    cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics, poster: Poster
+    cfg: TrainConfig, world: World, metrics: TrainMetrics | NullMetrics, poster: progress.Poster
 ) -> None:
     device = ray.train.torch.get_device()
     manifests = [read_manifest(d) for d in cfg.data]
@@ -145,11 +143,6 @@ def _train(
     device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
     # One stream of samples an epoch, shared among the datasets by --mix (`training.mix`).
     mix = Mix.of(cfg.mix, [m.num_samples("train") for m in manifests])
-    if len(cfg.data) > cfg.batch_size:
-        raise UserError(
-            f"--batch-size {cfg.batch_size} is shared among {len(cfg.data)} --data datasets: "
-            f"give at least {len(cfg.data)}"
-        )
     kw = {"with_keys": bool(cfg.sample_log), "device_decode": device_decode, "mix": mix}
     train_sets = [
         TrainBatches.from_config(d, m, "train", cfg, world, index=i, **kw)

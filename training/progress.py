@@ -47,8 +47,10 @@ class Poster:
     def step(self, epoch: int, step: int, steps: int, samples: int, seconds: float, loss) -> None:
         """`step` of `steps` this epoch done, `samples` of it in `seconds`; `loss`: the
         latest mean read from the device (None before the first read)."""
+        if self.board is None:
+            return
         now = time.monotonic()
-        if self.board is None or (now - self.last < POST_EVERY and step < steps):
+        if now - self.last < POST_EVERY and step < steps:
             return
         self.last = now
         state = dict(epoch=epoch + 1, epochs=self.epochs, step=step, steps=steps,
