@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -144,18 +146,43 @@ def load_state(location: str | Path) -> TrainState:
         raise UserError(f"{url}: unreadable checkpoint ({type(e).__name__})") from None
 
 
-def find_checkpoint(location: str) -> str:
-    """A state file, a checkpoint directory, or a run directory (its newest checkpoint)."""
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def find_checkpoint(location: str, warn: Callable[[str], None] = _to_stderr) -> str:
+    """A state file, a checkpoint directory, or a run directory: its newest readable checkpoint.
+
+    In a run directory an unreadable checkpoint (a truncated or corrupt state.pt) is skipped
+    for the one before it, with one `warning:` line (`warn`, default stderr), as a resumed run
+    does; a state file or checkpoint directory named explicitly is returned as it is."""
     if location.endswith(STATE_FILE) and storage.exists(location):
         return location
     if storage.exists(storage.join(location, STATE_FILE)):
         return storage.join(location, STATE_FILE)
     # Checkpoint directories are named by global step, then time: newest last.
     names = sorted(n for n in storage.list_dir(location) if n.startswith("checkpoint_"))
+    skipped: list[str] = []
     for name in reversed(names):
         url = storage.join(location, name, STATE_FILE)
-        if storage.exists(url):
-            return url
+        if not storage.exists(url):
+            continue  # not a checkpoint: Ray's checkpoint_manager_snapshot.json, or one being made
+        try:
+            load_state(url)
+        except UserError as e:
+            skipped.append(f"{name} ({e})")
+            continue
+        if skipped:
+            warn(
+                f"warning: skipping checkpoint {', '.join(skipped)}; using the older checkpoint "
+                f"{name}"
+            )
+        return url
+    if skipped:
+        raise UserError(
+            f"{location}: no readable checkpoint ({'; '.join(skipped)}); give another run or "
+            "checkpoint, or train the run again"
+        )
     raise UserError(
         f"{location}: no checkpoint found; give a run directory (STORAGE/NAME), a checkpoint "
         f"directory, or a {STATE_FILE} file"

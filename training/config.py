@@ -13,6 +13,10 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 @dataclass
 class TrainConfig:
+    """A run's settings. Running again with the same storage and name resumes the run: the
+    fields that make it what it is (model, data order, recipe) must be as it started, the rest
+    take effect from the resume point (`training.resume.IDENTITY_FIELDS`, `APPLIED_FIELDS`)."""
+
     data: list[str] = field(default_factory=list)
     """Prepared dataset locations (each a directory or s3:// prefix holding manifest.json)."""
     storage: str = "./runs"
@@ -39,16 +43,21 @@ class TrainConfig:
     """With init_from: go on training the adapters (by default they stay frozen)."""
 
     epochs: int = 20
+    """Epochs the run trains in all: raise it when resuming to train on."""
     batch_size: int = 32
     """Per worker; the effective batch is batch_size × workers."""
     lr: float = 1e-3
+    """Adam's learning rate; with lr_step and lr_gamma fixed for the life of a run."""
     lr_step: int = 5
     """StepLR step size in epochs."""
     lr_gamma: float = 0.1
+    """StepLR's factor on the learning rate every lr_step epochs."""
     image_size: int = 224
+    """Side of the square training and evaluation inputs, in pixels."""
     augment: bool = True
     """Random resized crop + horizontal flip on training images."""
     seed: int = 1234
+    """Seeds the data order, the augmentation, the new heads and a `none` backbone."""
 
     workers: int = 2
     """Training workers (DDP ranks); with min_workers set, the most Ray may start."""

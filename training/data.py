@@ -409,7 +409,10 @@ def _join_parts(
         assert len(step) == parts, "a loader worker ended before the others"
 
         labels, owners, keys = ([x for p in step for x in p[i]] for i in (1, 2, 3))
-        labels, owners = torch.tensor(labels, dtype=torch.int64), torch.tensor(owners)
+        # int64 even when empty: a rank or loader worker may hold no sample of a small
+        # dataset in a step, and an empty `torch.tensor([])` is float (no index).
+        labels = torch.tensor(labels, dtype=torch.int64)
+        owners = torch.tensor(owners, dtype=torch.int64)
         # Stable: each partition's samples stay in its sequence order.
         by_owner = torch.sort(partition_keys[owners], stable=True).indices
         images, labels = join_images([p[0] for p in step], by_owner), labels[by_owner]

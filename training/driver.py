@@ -31,7 +31,7 @@ from training.loop import train_loop_per_worker
 from training.mix import Mix, parse_mix
 from training.model import WEIGHT_ENUMS, check_weights_flags, load_resnet50
 from training.quiet import QuietController
-from training.resume import repair_snapshot
+from training.resume import check_run_unchanged, repair_snapshot
 from training.transfer import check_init
 from training.weights import is_remote
 
@@ -84,6 +84,7 @@ def preflight(cfg: TrainConfig) -> None:
             f"the train splits have {sum(sizes.values())} samples, fewer than {cfg.workers} "
             f"workers × batch {cfg.batch_size}; lower --batch-size or --workers"
         )
+    check_run_unchanged(cfg)  # a resume: refuse other identity flags before Ray writes a thing
     if cfg.weights != "none":
         # Reads and checks a local file; downloads a URL (or torchvision's file) into this
         # node's cache, where this node's workers find it. A missing object, a refusal, a

@@ -4,11 +4,13 @@ The second term is the source's "0.001 · MSE(output, residual)" made precise: r
 i's added output, so the term keeps every adapter near the identity. Both terms are returned
 separately so they can be logged.
 
-Each CE term is the mean over the step's samples of its dataset. With a mix (`training.mix`)
-a rank's part of a dataset varies from step to step and rank to rank, and may be empty: so a
-rank divides its sum by `shares[d]`, the dataset's samples in the global step over the ranks,
-and DDP's average of the ranks' gradients is then exactly that of the global mean, whatever
-the split; a dataset with no sample in the step adds nothing (never 0 / 0).
+Every term is a mean over the **global** step, never over one rank's part of it: each CE term
+over the step's samples of its dataset, the penalty over all of the step's samples. With a mix
+(`training.mix`) a rank's part of a dataset varies from step to step and rank to rank, and may
+be empty, and so may its number of samples in all. So a rank divides each sum by the global
+count over the ranks (`shares[d]`: the dataset's samples in the step / ranks; the penalty by
+their total), and DDP's average of the ranks' gradients is exactly that of the global means,
+whatever the split; a dataset with no sample in the step adds nothing (never 0 / 0).
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ class MetaLoss(nn.Module):
     def forward(
         self, logits: list[torch.Tensor], targets: list[torch.Tensor], penalty: torch.Tensor
     ) -> LossParts:
+        """`penalty`: each sample's Σ_i mean(r_i²) (`MetaModel.forward`), one value a row."""
         shares = self.shares or [len(y) for y in targets]
         ce = sum(
             (_cross_entropy(z, y, n) for z, y, n in zip(logits, targets, shares, strict=True)),
             penalty.new_zeros(()),
         )
+        penalty = _mean(penalty, sum(shares))
         return LossParts(ce + self.meta_lambda * penalty, ce, penalty)
 
 
@@ -56,3 +60,10 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, share: float) ->
     # parameter on every rank.
     total = F.cross_entropy(logits, targets, reduction="sum")
     return total / share if share else total
+
+
+def _mean(values: torch.Tensor, share: float) -> torch.Tensor:
+    """The rank's part of the mean of per-sample `values` over `share` samples a rank."""
+    if len(values) == share > 0:
+        return values.mean()
+    return values.sum() / share if share else values.sum()

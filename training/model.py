@@ -154,8 +154,9 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 class AdaptedConv(nn.Module):
     """conv(x) + r, with r = a zero-initialised 1×1 conv of x (a parallel residual adapter).
 
-    Zero init means an untrained adapter leaves the backbone's function unchanged. `r` of the
-    latest forward is kept so the meta-loss can penalise Σ mean(r²).
+    Zero init means an untrained adapter leaves the backbone's function unchanged. Each
+    sample's mean(r²) in the latest forward is kept (`penalty`, one value a sample), so the
+    meta-loss can average it over the global step, not over this rank's part of it.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -169,7 +170,8 @@ class AdaptedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.adapter(x)
-        self.penalty = r.pow(2).mean()
+        # Accumulated in fp32 under bf16 autocast: the terms are tiny and many.
+        self.penalty = torch.mean(r.pow(2).flatten(1), dim=1, dtype=torch.float32)
         return self.conv(x) + r
 
 
@@ -209,15 +211,16 @@ class MetaModel(nn.Module):
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`x` concatenates one batch per dataset (`sizes` rows each, default: all from the
         first dataset): images (NCHW), or their cached features (N × 2048) when nothing in
-        the backbone trains. Returns each dataset's logits and the adapter penalty
-        Σ_i mean(r_i²)."""
+        the backbone trains. Returns each dataset's logits and the adapter penalty of each
+        sample, Σ_i mean(r_i²) over that sample's outputs (N values; zeros without trained
+        adapters): `MetaLoss` averages it over the step."""
         sizes = sizes or [x.shape[0]]
         feats = (x if x.dim() == 2 else self.features(x)).split(sizes)
         logits = [head(f) for head, f in zip(self.heads, feats, strict=False)]
         # Frozen adapters (`freeze_adapters`) are a fixed part of the backbone: their penalty
         # trains nothing, and with cached features (x.dim() == 2) they did not even run.
         trained = [a.penalty for a in self.adapters if a.adapter.weight.requires_grad]
-        penalty = sum(trained, x.new_zeros(()))
+        penalty = sum(trained, x.new_zeros(x.shape[0], dtype=torch.float32))
         return logits, penalty
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -144,24 +144,45 @@ def load_image(path: str, size: int, center: float, max_pixels: int) -> torch.Te
 
 
 def choose_head(datasets: list[str], name: str | None) -> int:
-    """The head of dataset `name` (its location as trained, or its last path component)."""
+    """The head of dataset `name`: its location as trained, a path to the same place, its
+    label in result.json and the report (`a/flowers`), or its folder name when no other
+    dataset has that one."""
+    if name is None and len(datasets) == 1:
+        return 0
+    from training.loop import dataset_labels  # imports Ray's modules; starts no Ray
+
+    labels = dataset_labels(datasets)
     if name is None:
-        if len(datasets) == 1:
-            return 0
         raise UserError(
             f"the checkpoint has {len(datasets)} heads: choose one with --dataset "
-            f"({', '.join(datasets)})"
+            f"({', '.join(labels)})"
         )
-    exact = [i for i, d in enumerate(datasets) if d == name]
-    by_folder = [i for i, d in enumerate(datasets) if d.rstrip("/").rsplit("/", 1)[-1] == name]
-    matches = exact or by_folder
+    place = _place(name)
+    matches = [
+        i
+        for i, (d, label) in enumerate(zip(datasets, labels, strict=True))
+        if name in (d, label) or (place is not None and place == _place(d))
+    ]
+    matches = matches or [
+        i for i, d in enumerate(datasets) if d.rstrip("/").rsplit("/", 1)[-1] == name
+    ]
     if len(matches) != 1:
         why = "matches several" if matches else "is none"
         raise UserError(
-            f"--dataset {name} {why} of the checkpoint's datasets ({', '.join(datasets)}): "
-            "give one of them as listed"
+            f"--dataset {name} {why} of the checkpoint's datasets; give one of "
+            f"{', '.join(labels)} (or its location)"
         )
     return matches[0]
+
+
+def _place(location: str) -> str | None:
+    """`location` normalised as every location is at training time (None: not a location)."""
+    from cluster import storage
+
+    try:
+        return storage.normalize(location)
+    except (UserError, OSError, RuntimeError, ValueError):
+        return None
 
 
 def predict(
@@ -248,7 +269,8 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         "--dataset",
         default=None,
         metavar="NAME",
-        help="the head to use, by dataset location or folder name (default: the only one)",
+        help="the head to use: its dataset's label in result.json and the report (a/flowers), "
+        "or the dataset's location (default: the only head)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line, not a table")
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")

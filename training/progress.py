@@ -67,10 +67,18 @@ def render(state: dict) -> str:
             f"epoch {state['epoch']}/{state['epochs']}",
             f"step {step}/{steps}",
             f"{state['samples'] / seconds:,.0f} samples/s",
-            *([f"ETA {eta // 60}:{eta % 60:02d}"] if eta is not None else []),
+            *([f"ETA {clock(eta)}"] if eta is not None else []),
             *([f"loss {state['loss']:.4f}"] if state["loss"] is not None else []),
         ]
     )
+
+
+def clock(seconds: int) -> str:
+    """`m:ss` below an hour, `h:mm:ss` from an hour on (`2:05:03`, not `125:03`)."""
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}:{secs:02d}"
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 class Line:

@@ -8,6 +8,11 @@ directories are gone or empty (`repair_snapshot`). A checkpoint that is there bu
 falls back to the previous checkpoint, and tells every rank which one it chose
 (`restore_state`), so all ranks resume from the same step. Either way the user sees one
 warning line.
+
+What a resume may change is decided here too: the flags that define the run
+(IDENTITY_FIELDS) must be as it started, the rest (APPLIED_FIELDS) take effect from the resume
+point. The driver refuses a change before Ray starts (`check_run_unchanged`), and every rank
+again against the checkpoint it loads (`check_resumable`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 import ray.train
 import torch.distributed as dist
@@ -25,10 +32,42 @@ from cluster.world import World
 from training.checkpoint import TrainState, load_state
 from training.config import TrainConfig
 
-# A resumed run must train the same model on the same data in the same order.
-IDENTITY_FIELDS = (
-    "data", "weights", "adapters", "seed", "partitions", "shuffle_block", "mix"
-)  # fmt: skip
+# Every TrainConfig field is one or the other (a test holds them to it). The identity fields
+# define what a run trains: a resume that changes one is refused, so the config its
+# checkpoints and result.json record held from its first step. --lr, --lr-step and --lr-gamma
+# are identity rather than applied from the resume point: the scheduler's saved state is the
+# schedule so far, and a new step size or rate could mean restarting the schedule or rewriting
+# its past (which lr at epoch 7 under a new --lr-step 1?); a new schedule is a new run.
+IDENTITY_FIELDS = frozenset({
+    # the model and what of it trains (the optimizer's state covers exactly that)
+    "weights", "adapters", "init_from", "train_adapters",
+    # the data and its order
+    "data", "seed", "partitions", "shuffle_block", "mix",
+    # the recipe: inputs, loss and schedule
+    "image_size", "augment", "meta_lambda", "lr", "lr_step", "lr_gamma",
+})  # fmt: skip
+"""Fields a resumed run must keep: a change is refused in one line (`check_same_run`)."""
+
+# How long, where and how fast the run trains and what it logs: these take effect when the run
+# resumes and are recorded from then on. The global batch, batch_size × workers, changes with
+# the worker count anyway (elastic training: the position is in samples, the order the same),
+# so batch_size may change too (2 × 8 → 1 × 16 trains on the same global batches). --storage
+# and --name are where the run is found (a run copied elsewhere resumes there);
+# --weights-sha256 only checks the file, the backbone is compared by its fingerprint
+# (`check_resumable`); StepLR counts epochs from the run's start, so a raised --epochs
+# continues the same schedule.
+APPLIED_FIELDS = frozenset({
+    "storage", "name", "weights_sha256", "epochs", "batch_size",
+    "workers", "min_workers", "resize_check", "gpus_per_worker", "cpus_per_worker",
+    "loader_workers", "max_failures", "start_timeout", "checkpoint_every_steps",
+    "keep_checkpoints", "decode", "compile", "feature_cache", "log_every", "sample_log",
+    "debug", "metrics_port", "s3_endpoint", "s3_timeout", "cache_dir", "cache_size",
+})  # fmt: skip
+"""Fields a resumed run takes as given now: they apply from the resume point on."""
+
+# Identity fields that checkpoints from before them lack, with the value those runs had.
+# (The order's fields have none: a run from before them was read in another order.)
+_BEFORE_THE_FIELD = {"init_from": None, "train_adapters": False}
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 """Ray Train (V2)'s list of a run's checkpoints, in the run directory."""
@@ -160,18 +199,9 @@ def _silent(_: str) -> None:
 def check_resumable(
     state: TrainState, cfg: TrainConfig, backbone_sha: str, datasets: list[str]
 ) -> None:
-    """Refuse, in one line, to resume onto another model, order or data. `datasets`: each
-    dataset's manifest digest now (`manifest_digest`)."""
-    before = state.config
-    # One dataset's order is the same under every --mix (and runs from before --mix had none).
-    fields = [f for f in IDENTITY_FIELDS if f != "mix" or len(cfg.data) > 1]
-    changed = [f for f in fields if before.get(f) != getattr(cfg, f)]
-    if changed:
-        flags = ", ".join(f"--{f.replace('_', '-')}" for f in changed)
-        raise UserError(
-            f"run {cfg.name!r} was started with other {flags}; resume with the same values or "
-            "start a new run with another --name"
-        )
+    """Refuse, in one line, to resume onto another model, recipe, order or data. `datasets`:
+    each dataset's manifest digest now (`manifest_digest`)."""
+    check_same_run(state.config, cfg)
     if state.backbone["sha256"] != backbone_sha:
         raise UserError(
             f"--weights {cfg.weights} now gives a different backbone than the one run "
@@ -186,3 +216,44 @@ def check_resumable(
             f"{changed_data[0]} changed since run {cfg.name!r} started (prepared again?); "
             "resume with the data it started with, or start a new run with another --name"
         )
+
+
+def check_same_run(before: dict, cfg: TrainConfig) -> None:
+    """Refuse, in one line naming the flags, a resume whose IDENTITY_FIELDS differ from those
+    in the config of a checkpoint of the run (`before`)."""
+    # One dataset's order is the same under every --mix (and runs from before --mix had none).
+    names = [f.name for f in fields(TrainConfig) if f.name in IDENTITY_FIELDS]
+    names = [n for n in names if n != "mix" or len(cfg.data) > 1]
+    was = {n: before.get(n, _BEFORE_THE_FIELD.get(n)) for n in names}
+    changed = [n for n in names if was[n] != getattr(cfg, n)]
+    if changed:
+        then = ", ".join(_as_flags(n, was[n]) for n in changed)
+        now = ", ".join(_as_flags(n, getattr(cfg, n)) for n in changed)
+        raise UserError(
+            f"run {cfg.name!r} was started with {then} (now {now}); resume with its values "
+            "or start a new run with another --name"
+        )
+
+
+def check_run_unchanged(cfg: TrainConfig) -> None:
+    """Driver, before Ray starts: `check_same_run` against the config of the run's newest
+    readable checkpoint (none: a new run, or one the workers will start over)."""
+    run_dir = storage.join(cfg.storage, cfg.name)
+    names = [n for n in storage.list_dir(run_dir) if CHECKPOINT_NAME.fullmatch(n)]
+    _, state = choose_checkpoint(run_dir, max(names, default=None), _silent)
+    if state is not None:
+        check_same_run(state.config, cfg)
+
+
+def _as_flags(name: str, value: Any) -> str:
+    """A field's value as the flags that give it (`--lr 0.05`, `no --init-from`)."""
+    if name == "augment":
+        return "augmentation on" if value else "--no-augment"
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False or value == []:
+        return f"no {flag}"
+    if value is True:
+        return flag
+    if name == "data":
+        return " ".join(f"{flag} {v}" for v in value)
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"

@@ -32,15 +32,27 @@ def parse_spec(flag: str, text: str) -> Any:
     """A plain value (fixed for every trial), loguniform:/uniform: (numbers) or choice:."""
     from ray import tune
 
+    kind, values = spec_values(flag, text)
+    if kind == "value":
+        return values[0]
+    if kind == "choice":
+        return tune.choice(values)
+    return tune.loguniform(*values) if kind == "loguniform" else tune.uniform(*values)
+
+
+def spec_values(flag: str, text: str) -> tuple[str, list[Any]]:
+    """What a spec stands for, checked: ("value", [v]), ("choice", [a, b, …]) or
+    ("uniform"/"loguniform", [low, high]). Two specs are the same search when these are
+    equal: `loguniform:1e-3:1e-1` is `loguniform:0.001:0.1`."""
     kind, colon, rest = str(text).partition(":")
     if not colon:
-        return _value(flag, text)
+        return "value", [_value(flag, text)]
     if kind == "choice":
         # The commas separate the choices (an --adapters choice joins its stages with '+').
         values = [_value(flag, v.strip()) for v in rest.split(",") if v.strip()]
         if not values:
             raise UserError(f"{flag} {text}: choice: needs at least one value, e.g. choice:A,B")
-        return tune.choice(values)
+        return kind, values
     if kind in ("uniform", "loguniform"):
         if flag in ("--adapters", "--batch-size"):
             raise UserError(f"{flag} {text}: give {flag} a plain value or choice:A,B,…")
@@ -53,7 +65,7 @@ def parse_spec(flag: str, text: str) -> Any:
                 + f"; give {FORMS}"
             )
         _value(flag, str(low))
-        return tune.loguniform(low, high) if kind == "loguniform" else tune.uniform(low, high)
+        return kind, [low, high]
     raise UserError(f"{flag} {text}: unknown form {kind!r}; give {FORMS}")
 
 

@@ -16,6 +16,7 @@ the trials' training workers get the cluster. Everything lives under RUNS/NAME:
     RUNS/NAME/tune/         Tune's own state (the experiment, a directory per trial)
     RUNS/NAME/tune.json     the flags the search started with; a rerun must give the same
     RUNS/NAME/trials.csv    one row a trial: its values, best val accuracy, epochs, status
+    SAMPLE_LOG/<trial id>/  a trial's --sample-log, when one is given
 
 Run the same command again and Tune restores the search: finished trials stay finished, an
 interrupted or failed trial starts again and its training resumes from its own checkpoints.
@@ -34,7 +35,7 @@ from cluster import storage
 from cluster.errors import UserError, one_line
 from data_prep.contract import read_manifest
 from training.config import TrainConfig
-from training.search_space import FORMS, SEARCHED, adapter_stages, parse_space
+from training.search_space import FORMS, SEARCHED, adapter_stages, parse_space, spec_values
 
 METRIC = "val_accuracy"
 """What ASHA ranks trials by: the mean validation accuracy of an epoch's report."""
@@ -97,6 +98,9 @@ def run_trial(config: dict) -> None:
     if cfg.metrics_port:
         # Trials share nodes: each gets its own block of ports, one per possible local rank.
         cfg.metrics_port += _trial_index(trial_id) * cfg.workers
+    if cfg.sample_log:
+        # Trials train at once, and each rank appends to its own file: a directory a trial.
+        cfg.sample_log = storage.join(cfg.sample_log, trial_id)
     run_training(cfg, callbacks=[_reporter()])
 
 
@@ -123,11 +127,10 @@ def run_tune(
     """Search, or restore the search RUNS/NAME; write and return the table of its trials."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cluster.ray_cluster import connect
-    from training.driver import preflight, resolve_locations
+    from training.driver import resolve_locations
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1, not {trials}")
@@ -138,12 +141,12 @@ def run_tune(
     run_dir = storage.join(cfg.storage, cfg.name)
     _check_inputs(cfg)
     base = replace(cfg, storage=run_dir, name="")
-    # Each trial checks its own config again; the largest batch is the one that may not fit.
-    preflight(replace(base, batch_size=max(_choices(space["batch_size"]))))
+    _preflight_batches(base, _choices(space["batch_size"]))
     path, filesystem = storage.ray_storage(run_dir)
     experiment = f"{path.rstrip('/')}/{TUNE_DIR}"
     restoring = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
-    _record_search(run_dir, {"space": specs, "trials": trials, "train": _settings(base)}, restoring)
+    spec = {"space": specs, "trials": trials, "max_concurrent": max_concurrent}
+    _record_search(run_dir, {**spec, "train": _settings(base)}, restoring)
 
     connect(address)
     trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
@@ -163,16 +166,7 @@ def run_tune(
             param_space={"base": base.to_dict(), **space},
             tune_config=tune.TuneConfig(
                 num_samples=trials,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",
-                    metric=METRIC,
-                    mode="max",
-                    max_t=cfg.epochs,
-                    grace_period=1,
-                    # A trial at its last epoch finishes (result.json, report) rather than
-                    # being stopped while it writes them.
-                    stop_last_trials=False,
-                ),
+                scheduler=_scheduler(cfg.epochs),
                 # Seeded: the same flags draw the same trials.
                 search_alg=BasicVariantGenerator(
                     max_concurrent=max_concurrent or fits, random_state=cfg.seed
@@ -218,6 +212,40 @@ def _choices(domain: Any) -> list[Any]:
     return list(getattr(domain, "categories", None) or [domain])
 
 
+def _preflight_batches(base: TrainConfig, batch_sizes: list[int]) -> None:
+    """Every --batch-size choice passes the driver's preflight here, in one line, rather than
+    failing its trials later: a large batch may outgrow the train split, a small one be shared
+    by too many datasets. (Each trial checks its own config again.)"""
+    from training.driver import preflight
+
+    for batch_size in sorted(set(batch_sizes), reverse=True):
+        preflight(replace(base, batch_size=batch_size))
+
+
+def _scheduler(epochs: int):
+    """ASHA on validation accuracy per epoch, which never stops a trial at its last epoch: a
+    STOP there ends the trial while it writes result.json and its report. Ray's ASHA may: it
+    puts a rung at max_t and ranks a trailing trial there whatever stop_last_trials says, and
+    a restored search (its rungs empty again) ranks a resumed trial at the highest rung its
+    first report reaches, the last epoch's included."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class LastEpochFinishes(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            if result.get("epoch", 0) >= epochs:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return LastEpochFinishes(
+        time_attr="epoch",
+        metric=METRIC,
+        mode="max",
+        max_t=epochs,
+        grace_period=1,
+        stop_last_trials=False,
+    )
+
+
 def _trials_that_fit(resources: dict, cfg: TrainConfig) -> int:
     """As many trials at once as the cluster has room for all their workers."""
     if cfg.gpus_per_worker:
@@ -237,29 +265,44 @@ def _record_search(run_dir: str, spec: dict, restoring: bool) -> None:
     url = storage.join(run_dir, SPEC_FILE)
     spec = json.loads(json.dumps(spec))  # as it reads back: lists, not tuples
     if restoring and storage.exists(url):
-        before = json.loads(storage.read_bytes(url))
-        if before != spec:
-            raise UserError(
-                f"the search {run_dir} was started with other flags "
-                f"({_first_difference(before, spec)}); rerun it with the flags it started "
-                "with to resume it, or give a new --name"
-            )
+        _check_same_search(run_dir, json.loads(storage.read_bytes(url)), spec)
         return
     storage.write_bytes(url, (json.dumps(spec, indent=2) + "\n").encode())
 
 
-def _first_difference(before: dict, now: dict) -> str:
+def _check_same_search(run_dir: str, before: dict, now: dict) -> None:
+    difference = _first_difference(before, now)
+    if difference:
+        raise UserError(
+            f"the search {run_dir} was started with other flags ({difference}); rerun it "
+            "with the flags it started with to resume it, or give a new --name"
+        )
+    given, started = now["max_concurrent"], before.get("max_concurrent")
+    if given is not None and given != started:
+        # Tuner.restore takes no TuneConfig, and the searcher's saved state has its limit.
+        raise UserError(
+            f"--max-concurrent {given}: Ray resumes the search {run_dir} with the limit it "
+            f"started with ({started or 'as many trials as the cluster fitted'}); rerun "
+            "without --max-concurrent, or give a new --name"
+        )
+
+
+def _first_difference(before: dict, now: dict) -> str | None:
+    """The first flag that differs, searched specs compared by value (1e-3 is 0.001)."""
     if before.get("trials") != now["trials"]:
         return f"--trials {before.get('trials')}, now {now['trials']}"
     for key, flag in SEARCHED.items():
-        if before.get("space", {}).get(key) != now["space"][key]:
-            return f"{flag} {before.get('space', {}).get(key)}, now {now['space'][key]}"
+        old = before.get("space", {}).get(key)
+        if old is None or spec_values(flag, old) != spec_values(flag, now["space"][key]):
+            return f"{flag} {old}, now {now['space'][key]}"
     old = before.get("train", {})
     for key, value in now["train"].items():
         if old.get(key) != value:
             flag = "--" + key.replace("_", "-")
             return f"{flag} {old.get(key)}, now {value}"
-    return "a different version of metatrainer"
+    if old.keys() != now["train"].keys():
+        return "a different version of metatrainer"
+    return None
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -367,7 +410,7 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="K",
         help="trials training at once (default: as many as the cluster has room for all their "
-        "workers)",
+        "workers); a restored search keeps the limit it started with",
     )
     add_training_flags(p)
     for action in p._actions:

@@ -40,6 +40,7 @@ from training.config import TrainConfig
 from training.data import EvalBatches, build_loader
 from training.decode import to_input
 from training.evaluate import evaluate_checkpoint, load_trained
+from training.loop import dataset_labels
 from training.model import build_model
 from training.predict import choose_head
 
@@ -273,6 +274,85 @@ def test_the_head_is_chosen_by_dataset_location_or_folder():
         choose_head(two, "cars")
     with pytest.raises(UserError, match="matches several"):
         choose_head(["/a/flowers", "/b/flowers"], "flowers")
+
+
+def test_the_head_is_chosen_by_its_label_in_the_results_or_a_path_to_its_dataset(
+    tmp_path, monkeypatch
+):
+    datasets = [str(tmp_path / "a" / "flowers"), str(tmp_path / "b" / "flowers"), "s3://b/birds"]
+    labels = dataset_labels(datasets)  # as result.json and the report name them
+    assert labels == ["a/flowers", "b/flowers", "b/birds"]
+    assert [choose_head(datasets, label) for label in labels] == [0, 1, 2]
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert choose_head(datasets, "../a/flowers") == 0
+    assert choose_head(datasets, "./flowers/") == 1
+    assert choose_head(datasets, f"{tmp_path}/a/../b/flowers") == 1
+    assert choose_head(datasets, "s3://b/birds/") == 2
+    assert choose_head(["/x/f", "/x/f"], "1:/x/f") == 1  # one location twice: labels by index
+
+    monkeypatch.chdir(tmp_path)
+    for name, why in [("flowers", "matches several"), ("roses", "is none")]:
+        with pytest.raises(UserError) as e:
+            choose_head(datasets, name)
+        assert str(e.value) == (
+            f"--dataset {name} {why} of the checkpoint's datasets; give one of a/flowers, "
+            "b/flowers, b/birds (or its location)"
+        )
+    with pytest.raises(UserError, match=r"choose one with --dataset \(a/flowers, b/flowers, b"):
+        choose_head(datasets, None)
+
+
+def test_predict_takes_a_relative_path_to_the_dataset_and_lists_labels_when_lost(
+    trained, monkeypatch, capsys
+):
+    src, shards, run = trained
+    image = str(next((src / "4").glob("*.jpg")))
+    expected = _predict(["--checkpoint", str(run), image, "--json"], capsys)
+    monkeypatch.chdir(shards.parent / "images")
+    status, out, err = _predict(
+        ["--checkpoint", str(run), "--dataset", "../shards/", image, "--json"], capsys
+    )
+    assert (status, out) == expected[:2] and status == 0, err
+
+    status, out, err = _predict(["--checkpoint", str(run), "--dataset", "x", image], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1
+    assert err.endswith("--dataset x is none of the checkpoint's datasets; give one of shards "
+                        "(or its location)\n")  # fmt: skip
+
+
+def _cut(state: Path) -> None:
+    """Truncate a state file, as a copy or write that stopped halfway leaves it."""
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_with_one_warning(trained, tmp_path, capsys):
+    src, _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copytree(copy / "checkpoint_000001", copy / "checkpoint_000002")
+    _cut(copy / "checkpoint_000002" / "state.pt")
+    image = str(next((src / "6").glob("*.jpg")))
+    expected = _predict(["--checkpoint", str(run), image, "--json"], capsys)
+
+    status, out, err = _predict(["--checkpoint", str(copy), image, "--json"], capsys)
+    assert (status, out) == expected[:2] and status == 0
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"warning: skipping checkpoint checkpoint_000002 ({copy}/checkpoint_0")
+    assert "state.pt: unreadable checkpoint (" in err
+    assert err.endswith("); using the older checkpoint checkpoint_000001\n"), err
+
+    # Named explicitly, the unreadable checkpoint is an error: the user chose it.
+    for chosen in (copy / "checkpoint_000002", copy / "checkpoint_000002" / "state.pt"):
+        status, out, err = _predict(["--checkpoint", str(chosen), image], capsys)
+        assert status == 2 and out == "" and err.count("\n") == 1
+        assert "unreadable checkpoint" in err
+
+    _cut(copy / "checkpoint_000001" / "state.pt")
+    status, out, err = _predict(["--checkpoint", str(copy), image], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"metatrainer predict: error: {copy}: no readable checkpoint (")
+    assert "checkpoint_000002 (" in err and "; checkpoint_000001 (" in err
 
 
 def test_a_checkpoint_on_s3_predicts_as_the_local_one(trained, s3, bucket, capsys):

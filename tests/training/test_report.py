@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,26 @@ def test_report_writes_curves_confusion_and_a_per_class_table(trained, shards, t
     assert main(["report", trained.run_dir, "--out", str(out), "--split", "tset"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no 'tset' split; choose from test, train, val" in err
+
+
+def test_report_skips_an_unreadable_newest_checkpoint_with_one_warning(
+    trained, shards, tmp_path, capsys
+):
+    run = tmp_path / "rep"
+    shutil.copytree(trained.run_dir, run)
+    *_, older, newest = sorted(p.parent.name for p in run.glob("checkpoint_*/state.pt"))
+    state = run / newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy that stopped early
+
+    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--loader-workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"warning: skipping checkpoint {newest} ("), err
+    assert err.endswith(f"; using the older checkpoint {older}\n"), err
+    # The report is the older checkpoint's: its scores, and its epochs on the curves.
+    rows = table_rows(out, dataset_labels([shards])[0])
+    [(_, accuracy, n)] = evaluate_checkpoint(str(run / older), loader_workers=0)
+    assert sum(r[1] for r in rows) / n == pytest.approx(accuracy)
+    assert len(load_trained(str(run))[2].position.history) == EPOCHS - 1
 
 
 def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):

@@ -1,30 +1,45 @@
-"""Resuming after a broken checkpoint: one decision for all ranks, never a traceback.
+"""Resuming after a broken checkpoint: one decision for all ranks, never a traceback; and what
+a resume may change.
 
 The reruns start from a copy of one finished reference run (2 epochs, a checkpoint every 4
 steps, 3 kept) whose newest checkpoint is then damaged: the rerun must warn in one line,
 resume from the checkpoint before it and end with the reference's weights. The agreement of
 the ranks is tested on its own with 2 gloo processes on 127.0.0.1, where a checkpoint can be
-made readable or unreadable at the exact moment between rank 0's read and rank 1's.
+made readable or unreadable at the exact moment between rank 0's read and rank 1's. A rerun
+with other flags is refused in one line, before Ray, when a flag defines the run; otherwise
+it trains on with them and records them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from reference_run import REFERENCE_RUN
 
+from cluster.cli import main
 from cluster.errors import UserError
 from cluster.world import World
 from training import resume
-from training.checkpoint import STATE_FILE, Position, TrainState, save_state
+from training.checkpoint import STATE_FILE, Position, TrainState, load_state, save_state
+from training.config import TrainConfig
 from training.driver import run_training
-from training.resume import CHECKPOINT_NAME, SNAPSHOT_FILE, agree_on_state, repair_snapshot
+from training.resume import (
+    APPLIED_FIELDS,
+    CHECKPOINT_NAME,
+    IDENTITY_FIELDS,
+    SNAPSHOT_FILE,
+    agree_on_state,
+    check_resumable,
+    repair_snapshot,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,9 +208,6 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path, monkeypatch):
 
 
 def test_resuming_onto_re_prepared_data_is_one_line(shards):
-    from training.config import TrainConfig
-    from training.resume import check_resumable
-
     cfg = TrainConfig(data=[shards], name="r")
     state = TrainState({}, {}, {}, Position(), {}, cfg.to_dict(), [], {"weights": cfg.weights,
                        "sha256": "b"}, datasets=["d1"])  # fmt: skip
@@ -203,3 +215,119 @@ def test_resuming_onto_re_prepared_data_is_one_line(shards):
     with pytest.raises(UserError, match=f"{shards} changed since run 'r' started") as e:
         check_resumable(state, cfg, "b", ["d2"])
     assert "\n" not in str(e.value)
+
+
+def test_every_config_field_is_identity_or_applied():
+    """A new TrainConfig field must be classed: refused on resume, or applied from it."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not IDENTITY_FIELDS & APPLIED_FIELDS
+    assert names - IDENTITY_FIELDS - APPLIED_FIELDS == set(), "unclassed fields"
+    assert (IDENTITY_FIELDS | APPLIED_FIELDS) - names == set(), "no such fields"
+
+
+def _other(value: Any) -> Any:
+    """Another value of the same kind, as a rerun might give."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, list):
+        return [*value, "layer4"]
+    return "other" if value is None else f"{value}-other"
+
+
+def _flag(name: str) -> str:
+    return "--no-augment" if name == "augment" else "--" + name.replace("_", "-")
+
+
+def test_a_changed_identity_flag_is_refused_in_one_line(reference):
+    """Each flag that defines the run, changed alone, is refused naming it, on every rank
+    (`check_resumable`, here on the reference's own newest checkpoint); the settings that
+    apply on resume, all changed at once, are not."""
+    state = load_state(reference[1] / checkpoint_names(reference[1])[-1])
+    started = TrainConfig.from_dict(state.config)
+    same = (state.backbone["sha256"], state.datasets)
+    check_resumable(state, started, *same)
+    for name in sorted(IDENTITY_FIELDS - {"mix"}):
+        changed = dataclasses.replace(started, **{name: _other(getattr(started, name))})
+        with pytest.raises(UserError) as e:
+            check_resumable(state, changed, *same)
+        assert "\n" not in str(e.value) and _flag(name) in str(e.value), (name, str(e.value))
+    issue = dataclasses.replace(started, lr=1.0, lr_step=1, lr_gamma=0.5)
+    with pytest.raises(UserError) as e:
+        check_resumable(state, issue, *same)
+    assert str(e.value) == (
+        "run 'reference' was started with --lr 0.001, --lr-step 5, --lr-gamma 0.1 (now --lr "
+        "1.0, --lr-step 1, --lr-gamma 0.5); resume with its values or start a new run with "
+        "another --name"
+    )
+    applied = {name: _other(getattr(started, name)) for name in APPLIED_FIELDS}
+    check_resumable(state, dataclasses.replace(started, **applied), *same)
+
+    # --mix is the order of several datasets only; one dataset's order is the same under all.
+    check_resumable(state, dataclasses.replace(started, mix="uniform"), *same)
+    two = dataclasses.replace(started, data=started.data * 2)
+    two_state = dataclasses.replace(state, config=two.to_dict(), datasets=state.datasets * 2)
+    with pytest.raises(UserError, match="with --mix proportional \\(now --mix uniform\\)"):
+        check_resumable(two_state, dataclasses.replace(two, mix="uniform"), *same)
+    # A run from before --init-from and --train-adapters had neither.
+    older = {k: v for k, v in state.config.items() if k not in ("init_from", "train_adapters")}
+    check_resumable(dataclasses.replace(state, config=older), started, *same)
+
+
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_a_rerun_with_another_schedule_is_refused_before_ray(shards, reference, tmp_path, capsys):
+    """Issue 18: rerunning with --lr 1.0 --lr-step 1 --lr-gamma 0.5 (and without the
+    --no-augment it started with) used to train on with the checkpoint's schedule while
+    recording the new one. Now: one line naming the flags, exit 2, the run untouched, even
+    with its newest checkpoint unreadable (the driver reads the one before it)."""
+    run_dir = tmp_path / "runs" / "run"
+    shutil.copytree(reference[1], run_dir)
+    cut_off(run_dir / checkpoint_names(run_dir)[-1])
+    before = _files(tmp_path)
+    flags = [x for k, v in REFERENCE_RUN.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    argv = ["train", "--data", shards, "--storage", str(tmp_path / "runs"), "--name", "run",
+            "--weights", "none", "--image-size", "32", "--loader-workers", "1", *flags,
+            "--lr", "1.0", "--lr-step", "1", "--lr-gamma", "0.5"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "metatrainer train: error: run 'run' was started with --lr 0.001, --lr-step 5, "
+        "--lr-gamma 0.1, --no-augment (now --lr 1.0, --lr-step 1, --lr-gamma 0.5, "
+        "augmentation on); resume with its values or start a new run with another --name"
+    )
+    assert _files(tmp_path) == before
+
+
+def test_a_resume_applies_and_records_the_other_flags(shards, config, reference, tmp_path):
+    """--epochs raised, 1 worker × batch 16 for 2 × 8 (the same global batch), other loader
+    workers, log and checkpoint cadence and retention: the third epoch trains with them, and
+    its checkpoint and result.json record them; the optimizer's and scheduler's state is
+    what the recorded config says."""
+    result, reference_dir = reference
+    run_dir = tmp_path / "runs" / "run"
+    shutil.copytree(reference_dir, run_dir)
+    changed = dict(epochs=3, workers=1, batch_size=16, loader_workers=0, log_every=3,
+                   checkpoint_every_steps=0, keep_checkpoints=2)  # fmt: skip
+
+    rerun = run_training(config(shards, tmp_path, "run", **changed))
+
+    final = json.loads(Path(rerun.result_file).read_text())
+    state = load_state(rerun.checkpoint)
+    for recorded in (final["config"], state.config):
+        assert {k: recorded[k] for k in changed} == changed
+    assert final["history"][:2] == result["history"]
+    assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
+    # Global batches of 16 again (1 × 16): the third epoch took as many steps as each before.
+    assert final["step"] == result["step"] * 3 // 2
+    assert len(checkpoint_names(run_dir)) == 2  # of the 3 kept before, and the new one
+    cfg, group, scheduler = state.config, state.optimizer["param_groups"][0], state.scheduler
+    assert (group["initial_lr"], scheduler["base_lrs"]) == (cfg["lr"], [cfg["lr"]])
+    assert (scheduler["step_size"], scheduler["gamma"]) == (cfg["lr_step"], cfg["lr_gamma"])
+    assert scheduler["last_epoch"] == 3
+    assert group["lr"] == pytest.approx(cfg["lr"] * cfg["lr_gamma"] ** (3 // cfg["lr_step"]))

@@ -6,9 +6,13 @@ import csv
 from pathlib import Path
 
 import pytest
+from sample_log import trained_history
 
 from cluster.cli import main
 from training.evaluate import load_trained
+
+EPOCHS = 4
+"""ASHA (reduction factor 4) has rungs at epochs 1 and 4: the last epoch is one."""
 
 SPACE = {
     "--lr": "loguniform:1e-3:1e-1",
@@ -22,7 +26,7 @@ def tune_args(shards: str, storage: Path, *extra: str) -> list[str]:
     flags = [x for item in SPACE.items() for x in item]
     return [
         "tune", "--data", shards, "--storage", str(storage), "--name", "sweep",
-        "--trials", "4", "--max-concurrent", "4", "--epochs", "2", *flags,
+        "--trials", "4", "--max-concurrent", "4", "--epochs", str(EPOCHS), *flags,
         "--weights", "none", "--image-size", "32", "--no-augment", "--workers", "1",
         "--loader-workers", "0", "--metrics-port", "0", "--max-failures", "0", *extra,
     ]  # fmt: skip
@@ -34,7 +38,9 @@ def read_table(path: Path) -> list[dict[str, str]]:
 
 
 def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
-    assert main(tune_args(shards, tmp_path)) == 0
+    log = tmp_path / "log"
+    args = tune_args(shards, tmp_path, "--sample-log", str(log))
+    assert main(args) == 0
     out = capsys.readouterr().out
     table = tmp_path / "sweep" / "trials.csv"
     rows = read_table(table)
@@ -45,10 +51,27 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
         assert 1e-3 <= float(r["lr"]) <= 1e-1
         assert 0 <= float(r["meta_lambda"]) <= 0.01
         assert r["adapters"] in ("none", "layer4") and r["batch_size"] in ("16", "32")
-        assert (r["status"], r["epochs"]) in (("TERMINATED", "2"), ("STOPPED", "1")), r
         assert 0 <= float(r["best_val_accuracy"]) <= 1
         assert r["trial"] in out
     assert any(r["status"] == "TERMINATED" for r in rows), "ASHA lets the leader finish"
+
+    # A trial that reached its last epoch finished: ASHA never stops one there (its rung at
+    # the last epoch did, while the trial wrote result.json and its report). One that ASHA
+    # stopped early is STOPPED, without them.
+    for r in rows:
+        run = Path(r["run_dir"])
+        finished = (run / "result.json").exists() and any((run / "report").glob("*.png"))
+        if r["epochs"] == str(EPOCHS):
+            assert r["status"] == "TERMINATED" and finished, r
+        else:
+            assert r["status"] == "STOPPED" and 1 <= int(r["epochs"]) < EPOCHS, r
+            assert not (run / "result.json").exists(), r
+
+    # --sample-log: each trial logs the batches it trained into its own directory.
+    assert sorted(p.name for p in log.iterdir()) == sorted(r["trial"] for r in rows)
+    for r in rows:
+        trained = {epoch for epoch, *_ in trained_history(str(log / r["trial"]))}
+        assert trained >= set(range(int(r["epochs"]))), r
 
     # The best trial's run directory is a run that evaluate and load_trained accept.
     best_line = [line for line in out.splitlines() if line.startswith("best run")]
@@ -63,18 +86,33 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", best_dir, "--loader-workers", "0"]) == 0
     capsys.readouterr()
 
-    # The same command again restores the search: nothing is trained again.
+    # The same command again restores the search: nothing is trained again. Its search
+    # specs are compared by value: loguniform:0.001:0.1 is the search's loguniform:1e-3:1e-1.
     checkpoints = sorted((tmp_path / "sweep").glob("*/checkpoint_*"))
-    assert main(tune_args(shards, tmp_path)) == 0
+    assert main([*args, "--lr", "loguniform:0.001:0.1"]) == 0
     out = capsys.readouterr().out
     assert "restoring the search" in out
     assert read_table(table) == rows
     assert sorted((tmp_path / "sweep").glob("*/checkpoint_*")) == checkpoints
 
     # Other flags under the same name: one line, no training.
-    assert main(tune_args(shards, tmp_path, "--trials", "5")) == 2
+    assert main([*args, "--trials", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--trials 4, now 5" in err and "--name" in err
+    # Ray restores a search with the trial limit it started with: a new one is refused.
+    assert main([*args, "--max-concurrent", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-concurrent 2" in err and "(4)" in err, err
+    assert read_table(table) == rows
+
+
+def test_every_batch_size_choice_is_checked_before_ray(shards, tmp_path, capsys):
+    # Two datasets share a batch: the choice 1 cannot, though the largest, 16, can.
+    args = tune_args(shards, tmp_path, "--data", shards, "--batch-size", "choice:16,1")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size 1 " in err, err
+    assert not (tmp_path / "sweep" / "tune").exists()
 
 
 @pytest.mark.parametrize(
