@@ -65,9 +65,17 @@ def progress(log: Path, offset: int = 0) -> tuple[int, int] | None:
 
 
 def wait_for(log: Path, offset: int, target: tuple[int, int], deadline: float, alive) -> None:
-    """Until rank 0 logged a step at or past `target` (while `alive()`, until `deadline`)."""
-    while alive() and time.monotonic() < deadline:
+    """Until rank 0 logged a step at or past `target` after byte `offset`, or `alive()` is
+    false (the caller checks which); TimeoutError at `deadline` (time.monotonic())."""
+    while True:
         seen = progress(log, offset)
         if seen is not None and seen >= target:
             return
+        if not alive():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{log}: rank 0 logged no step at or past (epoch, position) {target} by the "
+                f"deadline; its latest after byte {offset}: {seen}"
+            )
         time.sleep(0.05)

@@ -6,19 +6,16 @@ from __future__ import annotations
 import inspect
 import socket
 import time
+import types
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from s3_support import free_port
 
+from cluster import metrics as metrics_module
 from cluster.errors import UserError
 from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -75,24 +72,47 @@ def test_worker_start_and_an_empty_checkpoint_histogram_are_served_from_the_star
     assert served["metatrainer_checkpoint_seconds_count"] == 0
 
 
-def test_a_checkpoint_is_timed_and_never_counted_as_data_wait(served):
+class Clock:
+    """`time.perf_counter` for `cluster.metrics` that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    fake_time = types.SimpleNamespace(perf_counter=clock.perf_counter, time=time.time)
+    monkeypatch.setattr(metrics_module, "time", fake_time)
+    return clock
+
+
+def test_a_checkpoint_is_timed_and_never_counted_as_data_wait(served, clock):
     metrics, port = served
-    clock = StepClock(metrics)
-    clock.restart()
+    step_clock = StepClock(metrics)
+    step_clock.restart()
     for _ in range(2):
-        time.sleep(0.02)  # waiting for the batch
-        clock.batch_ready()
-        clock.step_done({"digits": 8})
-        with clock.checkpoint():
-            time.sleep(0.3)  # a slow save and report barrier
+        clock.wait(0.02)  # waiting for the batch
+        step_clock.batch_ready()
+        clock.wait(0.01)  # the step
+        step_clock.step_done({"digits": 8})
+        with step_clock.checkpoint():
+            clock.wait(0.3)  # a slow save and report barrier
     got = scrape(port)
     assert got["metatrainer_checkpoint_seconds_count"] == 2
-    assert got["metatrainer_checkpoint_seconds_sum"] >= 0.6
+    assert got["metatrainer_checkpoint_seconds_sum"] == pytest.approx(0.6)
     assert got["metatrainer_checkpoint_seconds_bucket{le=0.25}"] == 0
+    assert got["metatrainer_step_seconds_sum"] == pytest.approx(0.02)
+    # Each wait was its own 0.02 s: the second step's wait started when the checkpoint ended.
     assert got["metatrainer_data_wait_seconds_count"] == 2
-    # Both waits were short: the second step's wait started when the checkpoint ended.
-    assert got["metatrainer_data_wait_seconds_bucket{le=0.25}"] == 2
-    assert 0.04 <= got["metatrainer_data_wait_seconds_sum"] < 0.25
+    assert got["metatrainer_data_wait_seconds_sum"] == pytest.approx(0.04)
+    assert got["metatrainer_data_wait_seconds_bucket{le=0.025}"] == 2
     assert got["metatrainer_samples_trained_total"] == 16
 
 

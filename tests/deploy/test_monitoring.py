@@ -4,8 +4,8 @@ exports, and the kustomization builds valid objects (the dashboard as a sidecar 
 
     pytest tests/deploy/test_monitoring.py -q
 
-promtool comes with Debian's `prometheus` package (.ci/run installs it); without it the promtool
-tests skip.
+promtool comes with Debian's `prometheus` package (.ci/run installs it); without it, or without
+kubectl, the tests that run them fail in CI and skip elsewhere (manifest_support.tool).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
+import test_crd_schemas as schemas  # tests/deploy's CRD validation
 import yaml
+from manifest_support import kustomize, tool
 
 from cluster.metrics import TrainMetrics
 
@@ -26,12 +29,6 @@ MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 RULES_FILE = MONITORING / "prometheusrule.yaml"
 RULES_TEST = MONITORING / "rules-test.yaml"
 DASHBOARD_FILE = MONITORING / "grafana-dashboard.json"
-# The vendored CRDs (tests/deploy/crds/README.md), else the development machines' shared copy.
-CRD_DIRS = (Path(__file__).resolve().parent / "crds", Path("/work/shared/crds"))
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="no promtool: apt-get install prometheus (.ci/run does)"
-)
 
 # The series Prometheus stores for each kind of prometheus_client metric.
 SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
@@ -162,17 +159,16 @@ def rules_dir(tmp_path) -> Path:
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=60)
+    command = [tool("promtool"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
-@needs_promtool
 def test_promtool_checks_the_rules(rules_dir):
     done = promtool("check", "rules", rules_dir / "metatrainer-rules.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(ALERTS)} rules found" in done.stdout
 
 
-@needs_promtool
 def test_promtool_unit_tests_pass(rules_dir):
     done = promtool("test", "rules", rules_dir / RULES_TEST.name)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -180,7 +176,6 @@ def test_promtool_unit_tests_pass(rules_dir):
     assert tested == ALERTS  # every alert has a unit test
 
 
-@needs_promtool
 def test_promtool_unit_tests_catch_a_broken_rule(rules_dir):
     """A stalled-training alert that forgets "the workers are up" fires for a finished run."""
     spec = rule_groups()
@@ -241,7 +236,6 @@ def test_dashboard_takes_its_datasource_from_a_variable():
     assert all("datasource" in t for t in targets)
 
 
-@needs_promtool
 def test_dashboard_queries_are_valid_promql(tmp_path):
     """promtool parses each query (Grafana's variables replaced) as a recording rule."""
     values = {"$__rate_interval": "1m", "$run": ".*", "$cluster": ".*"}
@@ -261,15 +255,11 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built() -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("no kubectl (its built-in kustomize builds deploy/monitoring)")
-    done = subprocess.run(
-        [kubectl, "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
+def built(kubectl) -> list[dict[str, Any]]:
+    """A fresh parse of `kubectl kustomize deploy/monitoring`, for this module to change."""
+    text, error = kustomize(MONITORING)
+    assert not error, error
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 def test_kustomization_builds_the_monitoring_objects(built):
@@ -286,7 +276,6 @@ def test_dashboard_configmap_is_found_by_grafanas_sidecar(built):
     (cm,) = [d for d in built if d["kind"] == "ConfigMap"]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"][DASHBOARD_FILE.name]) == dashboard()
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(cm, kubernetes_validate.latest_version(), strict=True)
 
 
@@ -300,12 +289,7 @@ def test_ray_podmonitor_scrapes_rays_metrics_port_on_every_ray_pod(built):
 
 def crd_validator(kind_plural: str):
     """A strict validator for monitoring.coreos.com/v1 `kind_plural`, from the vendored CRD."""
-    schemas = pytest.importorskip("test_crd_schemas")  # tests/deploy's CRD validation
-    name = f"monitoring.coreos.com_{kind_plural}.yaml"
-    path = next((d / name for d in CRD_DIRS if (d / name).exists()), None)
-    if path is None:
-        pytest.skip(f"{name} is not vendored in tests/deploy/crds")
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (crd,) = schemas.load_yaml_docs(schemas.CRDS / f"monitoring.coreos.com_{kind_plural}.yaml")
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = schemas.strict_schema(version["schema"]["openAPIV3Schema"])
     return schemas.CrdValidator(schema, format_checker=schemas.FORMATS)

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from manifest_support import NAMESPACE, OVERLAYS, TEMPLATES, docs_of, needs_kubectl, selects
+from manifest_support import (
+    NAMESPACE,
+    OVERLAY_NAMES,
+    TEMPLATES,
+    docs_of,
+    needs_kubectl,
+    selects,
+)
 
 MONITORING = "monitoring"
 OPERATOR_NAMESPACE = "kuberay-system"
@@ -147,11 +154,8 @@ def policies_of(build: str) -> list[dict[str, Any]]:
     return docs_of(build, "NetworkPolicy")
 
 
-BUILD_NAMES = sorted(OVERLAYS)
-
-
 @needs_kubectl
-@pytest.mark.parametrize("build", BUILD_NAMES)
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_default_deny_covers_every_pod_both_ways(build):
     deny = [
         p
@@ -167,7 +171,7 @@ def test_default_deny_covers_every_pod_both_ways(build):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("build", BUILD_NAMES)
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_documented_flows_are_allowed(build):
     policies, p, o = policies_of(build), pods(build), OUTSIDERS
     s3_port = 9000 if "minio" in p else 443
@@ -198,7 +202,7 @@ def test_documented_flows_are_allowed(build):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("build", BUILD_NAMES)
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_everything_else_is_denied(build):
     policies, p, o = policies_of(build), pods(build), OUTSIDERS
     flows = [
@@ -237,7 +241,7 @@ def test_everything_else_is_denied(build):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("build", BUILD_NAMES)
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_no_policy_opens_a_port_to_everyone(build):
     """Every ingress rule names its peers: an empty `from` would let any pod of any namespace in."""
     for policy in policies_of(build):

@@ -19,12 +19,13 @@ from manifest_support import (
     DEPLOY,
     DOCS,
     HOME,
-    OVERLAYS,
+    OVERLAY_NAMES,
     RAY_NODES,
     RUN_AS_USER,
     TEMPLATES,
     TOKEN_SECRET,
     PodTemplate,
+    built,
     docs_of,
     env_of,
     needs_kubectl,
@@ -70,7 +71,7 @@ def effective(t: PodTemplate, container: dict[str, Any], field: str) -> Any:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_every_container_runs_as_non_root(t):
     assert t.containers()
     for c in t.containers():
@@ -101,7 +102,7 @@ RESTRICTED_VOLUMES = {
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_pod_meets_the_restricted_pod_security_standard(t):
     for host in ("hostNetwork", "hostPID", "hostIPC"):
         assert not t.spec.get(host), host
@@ -139,7 +140,7 @@ def writable_dirs(t: PodTemplate, container: dict[str, Any]) -> list[str]:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_root_filesystem_is_read_only_with_sized_emptydirs(t):
     for c in t.containers():
         assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, c["name"]
@@ -151,7 +152,7 @@ def test_root_filesystem_is_read_only_with_sized_emptydirs(t):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_ephemeral_storage_is_limited_and_holds_the_emptydirs(t):
     """A container's ephemeral-storage limit covers its disk-backed emptyDirs: the kubelet then
     evicts a pod that fills the node's disk, and never one that stays within its own sizes."""
@@ -168,7 +169,7 @@ def test_ephemeral_storage_is_limited_and_holds_the_emptydirs(t):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_no_pod_mounts_a_service_account_token(t):
     assert t.spec.get("automountServiceAccountToken") is False
 
@@ -190,7 +191,7 @@ def test_irsa_example_is_an_annotated_service_account_the_ray_pods_use():
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", RAY_NODES, ids=template_id)
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
 def test_ray_containers_run_ray_stop_before_they_stop(t):
     """preStop `ray stop`: the raylet leaves the cluster cleanly instead of being declared dead."""
     command = t.ray_container["lifecycle"]["preStop"]["exec"]["command"]
@@ -210,7 +211,9 @@ def test_every_ray_cluster_has_token_auth_from_a_secret():
 
 @needs_kubectl
 @pytest.mark.parametrize(
-    "t", [t for t in TEMPLATES if t.role in ("head", "worker", "submitter")], ids=template_id
+    "t",
+    built([t for t in TEMPLATES if t.role in ("head", "worker", "submitter")]),
+    ids=template_id,
 )
 def test_ray_containers_and_submitter_carry_the_token_from_the_secret(t):
     env = env_of(t.ray_container)
@@ -219,7 +222,7 @@ def test_ray_containers_and_submitter_carry_the_token_from_the_secret(t):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", TEMPLATES, ids=template_id)
+@pytest.mark.parametrize("t", built(TEMPLATES), ids=template_id)
 def test_no_ray_client_port(t):
     for c in t.containers():
         assert RAY_CLIENT_PORT not in {p["containerPort"] for p in c.get("ports", [])}
@@ -297,7 +300,7 @@ def test_no_credential_is_written_down(path):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("t", RAY_NODES, ids=template_id)
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
 def test_ray_pods_read_s3_credentials_from_the_secret(t):
     """The driver (on the head) and every worker read shards and write checkpoints on S3. The
     keys are optional so that IRSA works without the Secret (deploy/README.md)."""
@@ -308,7 +311,7 @@ def test_ray_pods_read_s3_credentials_from_the_secret(t):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("build", sorted(OVERLAYS))
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
 def test_all_ray_pods_use_one_s3_endpoint(build):
     """Every Ray pod reads the endpoint from the one ConfigMap; absent means AWS S3."""
     (configmap,) = [

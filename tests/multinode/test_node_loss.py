@@ -6,16 +6,42 @@ sample of every epoch is trained once in the history the final weights descend f
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from ray_nodes import LiveRun, metatrainer
 from sample_log import assert_exactly_once, epochs_trained_once, trained_history, wait_for
 
 from data_prep.contract import read_manifest
 
 EPOCHS, BATCH = 2, 8
+# Ray's AutoscalingCoordinator (a detached actor) reserves the cluster's resources for each
+# run that asks, until the run cancels or 3 minutes after it last asked: a killed driver's
+# run never cancels. An elastic run sizes itself from what is left, so one started within
+# 3 minutes of a killed driver would start smaller. Ray has no public call that lists or
+# drops another run's requests: this driver does it through the actor's __ray_call__ (its
+# developer API for tests), then recomputes the reservations on the cluster as it is now.
+DROP_RESERVATIONS = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+try:
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+except ValueError:
+    sys.exit(0)  # no run has asked this cluster for resources yet
+def drop_all(self):
+    dropped = list(self._ongoing_reqs)
+    for requester in dropped:
+        self.cancel_request(requester)
+    self.get_reserved_resources(None, recompute=True)
+    return dropped
+print("dropped", ray.get(coordinator.__ray_call__.remote(drop_all), timeout=60))
+"""
 
 
 def train_argv(nodes, shards: str, root: Path, name: str, *extra: str) -> list[str]:
@@ -31,6 +57,64 @@ def train_argv(nodes, shards: str, root: Path, name: str, *extra: str) -> list[s
 
 def result(root: Path, name: str) -> dict:
     return json.loads((root / "runs" / name / "result.json").read_text())
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float) -> None:
+    """Until `condition()` is true; AssertionError saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.5)
+
+
+def started(pid: int) -> float:
+    """When process `pid` started, as time.time() (to a clock tick), from /proc."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    since_boot = ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + since_boot
+
+
+def all_up(nodes) -> bool:
+    """Every node alive in the GCS as the `ray start` running now (a node killed and restarted
+    moments ago is still listed alive as its old self until its health checks fail)."""
+    from ray.util.state import list_nodes
+
+    alive = list_nodes(
+        address=nodes.address,
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+    current = [
+        any(node.name in n.resources_total and (n.start_time_ms or 0) / 1000 > since for n in alive)
+        for node, since in ((node, started(node.process.pid)) for node in nodes.nodes)
+    ]
+    return all(current) and len(alive) == len(nodes.nodes)
+
+
+@pytest.fixture
+def cluster(nodes):
+    """`nodes` as each test here starts, whatever ran before: every node up (restarted if a
+    test left it down) and no training workers left from another run."""
+    for node in nodes.nodes:
+        if node.process.poll() is not None:
+            nodes.restart(node)
+    nodes.wait_alive(len(nodes.nodes))
+    wait_until(lambda: all_up(nodes), "every node alive as the process running now", 120)
+    no_workers = lambda: not nodes.actors("RayTrainWorker")  # noqa: E731
+    wait_until(no_workers, "another run's training workers gone", 120)
+    return nodes
+
+
+def drop_reservations(nodes) -> None:
+    """Drop every run's resource reservation (see DROP_RESERVATIONS): no run may be going."""
+    done = subprocess.run(
+        [sys.executable, "-c", DROP_RESERVATIONS, nodes.address],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def after_first_checkpoint(run: LiveRun, log: Path, workers: int) -> None:
@@ -49,41 +133,46 @@ def worker_nodes(nodes) -> tuple[list, list]:
     return busy, [n for n in workers if n not in busy]
 
 
-def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(nodes, shards, tmp_path):
+def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(cluster, shards, tmp_path):
     """2 workers; two nodes lost (room for one worker): it goes on with one; the nodes back:
     it grows back to two; two nodes lost again, for good: it finishes on one worker.
 
-    First in this file: a driver killed mid-run leaves Ray's reservation of its resources
-    for an elastic run in place for 3 minutes (AutoscalingCoordinator), which would start
-    this run smaller."""
+    It starts from the whole cluster with nothing reserved: a driver killed earlier (the test
+    below) leaves its run's reservation behind for 3 minutes, which would start it smaller."""
+    nodes = cluster
+    drop_reservations(nodes)
     argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check", "3")
     run = LiveRun([*argv, "--loader-workers", "0"])  # the last --loader-workers wins
-    after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
-
-    def lose_all_but_one_worker_node() -> list:
-        deadline = time.monotonic() + 120
-        while len(worker_nodes(nodes)[0]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)  # Ray Train may start it smaller and grow it as nodes report in
-        busy, spare = worker_nodes(nodes)
-        lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker
-        for node in lost:
-            nodes.kill(node)
-        return lost
-
-    lost = lose_all_but_one_worker_node()
     try:
-        shrunk = run.wait_for_line("on 1 workers")
+        after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
+
+        def lose_all_but_one_worker_node() -> list:
+            # Ray Train may start it smaller and grow it as nodes report in.
+            two = lambda: len(worker_nodes(nodes)[0]) >= 2  # noqa: E731
+            wait_until(two, "training workers on two nodes", 120)
+            busy, spare = worker_nodes(nodes)
+            lost = [busy[1], *spare]  # one worker's node and the spare: room for one worker
+            for node in lost:
+                nodes.kill(node)
+            return lost
+
+        lost = lose_all_but_one_worker_node()
+        try:
+            shrunk = run.wait_for_line("on 1 workers")
+        finally:
+            for node in lost:
+                nodes.restart(node)
+        grown = run.wait_for_line("on 2 workers", after=shrunk)
+        lost = lose_all_but_one_worker_node()
+        try:
+            run.wait_for_line("on 1 workers", after=grown)
+            assert run.finish() == 0, run.output[-3000:]
+        finally:
+            for node in lost:
+                nodes.restart(node)
     finally:
-        for node in lost:
-            nodes.restart(node)
-    grown = run.wait_for_line("on 2 workers", after=shrunk)
-    lost = lose_all_but_one_worker_node()
-    try:
-        run.wait_for_line("on 1 workers", after=grown)
-        assert run.finish() == 0, run.output[-3000:]
-    finally:
-        for node in lost:
-            nodes.restart(node)
+        if run.process.poll() is None:
+            run.kill()  # a failed test leaves no run going
     assert "on 2 workers" not in "\n".join(run.lines[grown + 1 :])  # it finished on one
 
     history = trained_history(str(tmp_path / "log" / "elastic"))
@@ -94,24 +183,28 @@ def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(nodes, shards,
     nodes.wait_alive(len(nodes.nodes))
 
 
-def test_a_lost_node_and_a_lost_driver_change_nothing(nodes, shards, tmp_path):
+def test_a_lost_node_and_a_lost_driver_change_nothing(cluster, shards, tmp_path):
+    nodes = cluster
     done = metatrainer(*train_argv(nodes, shards, tmp_path, "reference", "--workers", "2"))
     assert done.returncode == 0, done.stderr[-3000:]
     argv = train_argv(nodes, shards, tmp_path, "chaos", "--workers", "2")
     run = LiveRun(argv)
-    after_first_checkpoint(run, tmp_path / "log" / "chaos" / "rank-0.tsv", 2)
-    busy, _ = worker_nodes(nodes)
-    nodes.kill(busy[0])
     try:
-        # Two workers again, on the node that was spare: then the driver dies too.
-        run.wait_for_line("on 2 workers")
-        run.kill()
+        after_first_checkpoint(run, tmp_path / "log" / "chaos" / "rank-0.tsv", 2)
+        busy, _ = worker_nodes(nodes)
+        nodes.kill(busy[0])
+        try:
+            # Two workers again, on the node that was spare: then the driver dies too.
+            run.wait_for_line("on 2 workers")
+            run.kill()
+        finally:
+            nodes.restart(busy[0])
     finally:
-        nodes.restart(busy[0])
+        if run.process.poll() is None:
+            run.kill()
     # Ray ends a dead driver's job: its workers go away before the rerun starts new ones.
-    deadline = time.monotonic() + 60
-    while nodes.actors("RayTrainWorker") and time.monotonic() < deadline:
-        time.sleep(0.5)
+    no_workers = lambda: not nodes.actors("RayTrainWorker")  # noqa: E731
+    wait_until(no_workers, "the killed driver's training workers gone", 60)
     rerun = metatrainer(*argv)  # the same command continues the run
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming chaos at epoch" in rerun.stdout + rerun.stderr

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from reference_run import REFERENCE_RUN
+from reference_run import AUGMENTED_RUN, REFERENCE_RUN
 
 from data_prep.prep import prep
 from training.config import TrainConfig
@@ -52,6 +52,21 @@ def reference_run(shards, small_config, tmp_path_factory) -> tuple[dict, Path, P
     log = root / "log" / "reference"
     cfg = small_config(
         shards, root / "runs", name="reference", sample_log=str(log), **REFERENCE_RUN
+    )
+    outcome = run_training(cfg)
+    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log
+
+
+@pytest.fixture(scope="session")
+def augmented_reference_run(shards, small_config, tmp_path_factory) -> tuple[dict, Path, Path]:
+    """AUGMENTED_RUN (augmentation on, no feature cache) trained once, with a sample log, as
+    `reference_run`: (its result.json, its run directory, its sample-log directory)."""
+    from training.driver import run_training
+
+    root = tmp_path_factory.mktemp("augmented-reference")
+    log = root / "log" / "augmented"
+    cfg = small_config(
+        shards, root / "runs", name="augmented", sample_log=str(log), **AUGMENTED_RUN
     )
     outcome = run_training(cfg)
     return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import pytest
 import sample_log
-from reference_run import REFERENCE_RUN
+from reference_run import AUGMENTED_RUN, REFERENCE_RUN
 from sample_log import trained_history, wait_for
 
+from data_prep.contract import read_manifest
+from training import order
 from training.config import TrainConfig
 from training.driver import run_training
 
@@ -102,4 +104,53 @@ def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capf
     assert chaos["feature_cache"]  # so this also resumes inside runs from cached features
     assert chaos["fingerprint"] == result["fingerprint"]
     assert chaos["test_accuracy"] == result["test_accuracy"]
+    assert_exactly_once(trained_history(cfg.sample_log), ref_history)
+
+
+def inside_chunks(cfg: dict, total: int, epoch: int, consumed: int) -> bool:
+    """Whether a resume after `consumed` samples of `epoch` starts inside a chunk of every
+    partition (its samples before that point are read, but not trained)."""
+    p = cfg["partitions"]
+    parts = [order.Partition.of(j, p, total) for j in range(p)]
+    epochs = [order.PartitionEpoch(pt, cfg["shuffle_block"], cfg["seed"], epoch) for pt in parts]
+    return all(order.taken(j, p, consumed) not in e.starts for j, e in enumerate(epochs))
+
+
+def test_a_worker_killed_mid_chunk_on_the_image_path_changes_nothing(
+    shards, config, augmented_reference_run, tmp_path, capfd
+):
+    """The default path: augmentation on, no feature cache, every step decodes and crops its
+    images. A worker killed in the middle of the second epoch; the run resumes inside a chunk
+    of every partition and ends with the uninterrupted run's weights, having trained the same
+    batches, each sample once an epoch (each crop is seeded by its sample and epoch, never by
+    the process or the step a restart began at)."""
+    result, _, ref_log = augmented_reference_run
+    ref_history = trained_history(str(ref_log))
+    cfg = config(shards, tmp_path, "images", **AUGMENTED_RUN)
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(out=run_training(cfg)))
+    run.start()
+    stride = BATCH * WORKERS
+    log = Path(cfg.sample_log) / "rank-0.tsv"
+    # After step 17 of 28 in the second epoch, 5 steps after its checkpoint at step 12.
+    wait_for(log, 0, (1, 16 * stride), time.monotonic() + 600, run.is_alive)
+    pids = worker_pids()
+    killed = run.is_alive() and bool(pids)
+    if killed:
+        os.kill(pids[0], signal.SIGKILL)
+    run.join()
+    assert killed, "the run finished before the kill"
+    out = capfd.readouterr()
+    resumed = re.findall(
+        r"resuming images at epoch (\d+), sample (\d+) \(step \d+\)", out.out + out.err
+    )
+    assert len(resumed) == 1, resumed
+    epoch, consumed = int(resumed[0][0]) - 1, int(resumed[0][1])
+    assert epoch == 1 and consumed > 0, resumed  # in the middle of the second epoch
+    total = read_manifest(shards).num_samples("train")
+    images = json.loads(Path(outcome["out"].result_file).read_text())
+    assert inside_chunks(images["config"], total, epoch, consumed), resumed
+    assert images["feature_cache"] is False and result["feature_cache"] is False
+    assert images["fingerprint"] == result["fingerprint"]
+    assert images["test_accuracy"] == result["test_accuracy"]
     assert_exactly_once(trained_history(cfg.sample_log), ref_history)

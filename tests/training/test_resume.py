@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -27,10 +28,12 @@ from reference_run import REFERENCE_RUN
 from cluster.cli import main
 from cluster.errors import UserError
 from cluster.world import World
+from data_prep.contract import read_manifest
+from data_prep.prep import prep
 from training import resume
 from training.checkpoint import STATE_FILE, Position, TrainState, load_state, save_state
 from training.config import TrainConfig
-from training.driver import run_training
+from training.driver import preflight, resolve_locations, run_training
 from training.resume import (
     APPLIED_FIELDS,
     CHECKPOINT_NAME,
@@ -40,6 +43,7 @@ from training.resume import (
     check_resumable,
     repair_snapshot,
 )
+from training.transfer import check_same_transfer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,14 +211,96 @@ def test_ranks_resume_from_the_checkpoint_rank_0_chose(tmp_path, monkeypatch):
     assert f"cannot read checkpoint {OLDER}, which rank 0 resumes from" in rank1[broke]["error"]
 
 
-def test_resuming_onto_re_prepared_data_is_one_line(shards):
-    cfg = TrainConfig(data=[shards], name="r")
-    state = TrainState({}, {}, {}, Position(), {}, cfg.to_dict(), [], {"weights": cfg.weights,
-                       "sha256": "b"}, datasets=["d1"])  # fmt: skip
-    check_resumable(state, cfg, "b", ["d1"])  # the same data: fine
-    with pytest.raises(UserError, match=f"{shards} changed since run 'r' started") as e:
-        check_resumable(state, cfg, "b", ["d2"])
+@pytest.fixture(scope="module")
+def re_prepared(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
+    """The digits prepared again, with one image fewer: other data, another manifest digest."""
+    images = tmp_path_factory.mktemp("fewer") / "images"
+    shutil.copytree(digits_dir, images)
+    min(images.rglob("*.jpg")).unlink()
+    dst = str(tmp_path_factory.mktemp("re-prepared"))
+    prep(str(images), dst, num_shards=3)
+    return dst
+
+
+def newest_state(run_dir: Path) -> TrainState:
+    return load_state(run_dir / checkpoint_names(run_dir)[-1])
+
+
+def test_resuming_onto_re_prepared_data_is_one_line(shards, re_prepared, reference):
+    """Every rank compares the manifest digest its checkpoint recorded with the data's now
+    (`check_resumable`, on the reference's own newest checkpoint): the digits prepared again
+    with one image fewer, found where the run's data was, are refused in one line."""
+    state = newest_state(reference[1])
+    cfg = TrainConfig.from_dict(state.config)
+    backbone = state.backbone["sha256"]
+    trained_on, now = read_manifest(shards).digest(), read_manifest(re_prepared).digest()
+    assert state.datasets == [trained_on] and now != trained_on
+    check_resumable(state, cfg, backbone, [trained_on])  # the same data: fine
+    expected = f"{shards} changed since run 'reference' started (prepared again?)"
+    with pytest.raises(UserError, match=re.escape(expected)) as e:
+        check_resumable(state, cfg, backbone, [now])
     assert "\n" not in str(e.value)
+
+
+def test_frozen_and_trained_adapters_do_not_resume_as_each_other(reference):
+    """A run from --init-from keeps its adapters frozen, or training (--train-adapters), as it
+    started (the optimizer's state covers exactly what trained): the other way round is
+    refused on every rank, either way; a checkpoint from before the flag had them frozen."""
+    state = newest_state(reference[1])
+    same = (state.backbone["sha256"], state.datasets)
+    started = TrainConfig.from_dict(state.config)
+    frozen = dataclasses.replace(started, adapters=["layer4"], init_from="/runs/meta")
+    trained = dataclasses.replace(frozen, train_adapters=True)
+    for before, now in ((frozen, trained), (trained, frozen)):
+        run = dataclasses.replace(state, config=before.to_dict())
+        check_resumable(run, before, *same)
+        check_same_transfer(run, before)
+        with pytest.raises(UserError) as e:
+            check_resumable(run, now, *same)
+        assert "\n" not in str(e.value) and "--train-adapters" in str(e.value), str(e.value)
+        with pytest.raises(UserError, match="resume with the same --init-from/--train-adapters"):
+            check_same_transfer(run, now)
+    older = {k: v for k, v in frozen.to_dict().items() if k != "train_adapters"}
+    older_run = dataclasses.replace(state, config=older)
+    check_resumable(older_run, frozen, *same)
+    with pytest.raises(UserError) as e:
+        check_resumable(older_run, trained, *same)
+    assert str(e.value) == (
+        "run 'reference' was started with no --train-adapters (now --train-adapters); resume "
+        "with its values or start a new run with another --name"
+    )
+
+
+def test_a_rerun_is_checked_as_the_driver_resolves_its_flags(shards, config, reference, tmp_path):
+    """The driver's check before Ray (`preflight`), on a copy of the reference run, with the
+    flags as a rerun gives them. The order's defaults resolve as they did when it started
+    (--partitions left out, or given as it resolved), and --mix says nothing about one
+    dataset's order: these resume. Another --seed, --partitions or --adapters, or the
+    --shuffle-block the reference gave left out (its default is another block), is refused
+    in one line with the value the run started with."""
+    shutil.copytree(reference[1], tmp_path / "runs" / "reference")
+    started = newest_state(reference[1]).config
+    p = started["partitions"]
+    assert started["shuffle_block"] == REFERENCE_RUN["shuffle_block"]
+
+    def rerun(**flags) -> None:
+        cfg = config(shards, tmp_path, "reference", **flags)
+        resolve_locations(cfg)
+        preflight(cfg)
+
+    rerun()
+    rerun(partitions=p)
+    rerun(mix="uniform")
+    for flags, expected in [
+        (dict(seed=7), "--seed 1234 (now --seed 7)"),
+        (dict(partitions=2 * p), f"--partitions {p} (now --partitions {2 * p})"),
+        (dict(shuffle_block=None), "--shuffle-block 128 (now --shuffle-block "),
+        (dict(adapters=["layer4"]), "no --adapters (now --adapters layer4)"),
+    ]:
+        with pytest.raises(UserError) as e:
+            rerun(**flags)
+        assert "\n" not in str(e.value), str(e.value)
+        assert str(e.value).startswith(f"run 'reference' was started with {expected}"), flags
 
 
 def test_every_config_field_is_identity_or_applied():

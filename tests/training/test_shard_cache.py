@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 import random
-import time
 
 import pytest
 
@@ -84,14 +84,23 @@ def test_eviction_keeps_the_cache_under_its_limit_and_drops_the_least_recently_u
     url, shard, data = remote
     directory = tmp_path / "cache"
     cache = ShardCache(str(directory), limit_bytes=2_500)
-    for entry in [ENTRIES[0], ENTRIES[1], ENTRIES[0], *ENTRIES[2:]]:  # the first is used again
+
+    def use(entry: range) -> None:
         assert cache.read(url, shard, entry, entry) == data[entry.start : entry.stop]
         assert sum(p.stat().st_size for p in directory.iterdir()) <= 2_500
+        # Recency is the entries' mtimes, set to now on admission and on every hit. Each use
+        # ages every entry by a minute, so the next use is the newest whatever the clock's
+        # tick: the order of the mtimes is the order of use.
+        for p in directory.glob("*.entry"):
+            st = p.stat()
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 60 * 10**9))
+
+    for entry in [ENTRIES[0], ENTRIES[1], ENTRIES[0], *ENTRIES[2:]]:  # the first is used again
+        use(entry)
         if entry == ENTRIES[2]:
             fault_proxy.reset_counts()
-            cache.read(url, shard, ENTRIES[0], ENTRIES[0])
+            use(ENTRIES[0])
             assert fault_proxy.bytes_served(url) == 0  # used after the second: kept
-        time.sleep(0.02)  # mtimes a clock tick apart
 
     fault_proxy.reset_counts()
     cache.read(url, shard, ENTRIES[-1], ENTRIES[-1])

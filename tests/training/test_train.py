@@ -17,8 +17,10 @@ from s3_support import free_port
 
 from cluster.cli import main
 from training import progress
+from training.checkpoint import STATE_FILE
 from training.driver import run_training
 from training.evaluate import evaluate_checkpoint
+from training.resume import CHECKPOINT_NAME
 
 
 def samples_trained(port: int) -> float | None:
@@ -44,9 +46,11 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
         return small_config(
             shards,
             tmp_path,
-            # The image path (the other Ray runs mostly train from cached features).
-            **{"name": "digits", "batch_size": 8, "epochs": 3, "feature_cache": "off", **overrides},
-        )
+            # The image path (the other Ray runs mostly train from cached features); 3 epoch
+            # checkpoints written, 2 kept.
+            **{"name": "digits", "batch_size": 8, "epochs": 3, "feature_cache": "off",
+               "keep_checkpoints": 2, **overrides},
+        )  # fmt: skip
 
     cfg = config(metrics_port=port)
     outcome: dict = {}
@@ -82,24 +86,34 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert result["test_accuracy"] > 0.25, "10 classes: chance is 0.1"
     assert result["config"]["workers"] == 2 and len(result["fingerprint"]) == 64
-    checkpoints = sorted(Path(first.run_dir).glob("checkpoint_*/state.pt"))
-    assert len(checkpoints) == 3
+    # --keep-checkpoints 2: of the 3 epochs' checkpoints, the oldest is gone.
+    steps = result["step"] // 3  # an epoch's
+    assert checkpoint_steps(first.run_dir) == [2 * steps, 3 * steps]
 
     # The same name again with more epochs resumes after the latest checkpoint.
     capfd.readouterr()
     second = run_training(config(epochs=4))
     out = capfd.readouterr().out
-    assert "resuming digits at epoch 4" in out
+    assert f"resuming digits at epoch 4, sample 0 (step {3 * steps})" in out
     assert "epoch 1/4" not in out
     resumed = json.loads(Path(second.result_file).read_text())
     assert resumed["history"][:3] == result["history"]
     assert len(resumed["history"]) == 4
     assert resumed["step"] == result["step"] * 4 // 3
+    assert checkpoint_steps(second.run_dir) == [3 * steps, 4 * steps]
 
     # evaluate, without Ray, agrees with the test accuracy training reported.
     [(_, accuracy, n)] = evaluate_checkpoint(second.run_dir, loader_workers=0)
     assert accuracy == pytest.approx(resumed["test_accuracy"])
     assert n > 0
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The steps of the checkpoint directories in the run (checkpoint_<step>_<ms>), each
+    checked to hold its state."""
+    names = [p.name for p in Path(run_dir).iterdir() if CHECKPOINT_NAME.fullmatch(p.name)]
+    assert all((Path(run_dir) / n / STATE_FILE).is_file() for n in names), names
+    return sorted(int(n.split("_")[1]) for n in names)
 
 
 class Terminal(io.StringIO):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sample_log import wait_for
 
 from cluster import s3 as s3_backend
 from cluster import storage
@@ -22,21 +25,34 @@ def test_prep_train_checkpoint_resume_evaluate_on_s3(
     ray_cluster, digits_dir: Path, s3, bucket: str, fault_proxy, small_config, tmp_path
 ):
     def config(data: str, runs: str, endpoint: str, **overrides) -> TrainConfig:
-        values = {"name": "digits-s3", "batch_size": 16, "epochs": 2, "s3_endpoint": endpoint}
+        # The image path: with the feature cache, the epochs after the first read no shards.
+        values = {"name": "digits-s3", "batch_size": 16, "epochs": 2, "s3_endpoint": endpoint,
+                  "feature_cache": "off"}  # fmt: skip
         return small_config(data, runs, **{**values, **overrides})
 
     data, runs = f"{bucket}/datasets/digits", f"{bucket}/runs"
     manifest = prep(str(digits_dir), data, num_shards=3)
-    cache = tmp_path / "cache"
+    cache, log = tmp_path / "cache", tmp_path / "log"
 
     # 2 epochs, 2 workers × 2 loader workers, through a proxy that counts what S3 served: the
-    # node cache downloads each training byte once, and the second epoch reads nothing.
-    first = run_training(
-        config(data, runs, fault_proxy.endpoint, cache_dir=str(cache), loader_workers=2)
-    )
-    served = fault_proxy.bytes_served(f"{data}/train-")
+    # first epoch downloads each training byte once into the node's shard cache, the second
+    # reads every image from there and nothing from S3.
+    cfg = config(data, runs, fault_proxy.endpoint, cache_dir=str(cache), loader_workers=2,
+                 sample_log=str(log))  # fmt: skip
+    train = f"{data}/train-"
+    last_step = (manifest.num_samples("train") // 32 - 1) * 32  # of the first epoch
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_training, cfg)
+        deadline = time.monotonic() + 300
+        wait_for(log / "rank-0.tsv", 0, (0, last_step), deadline, lambda: not running.done())
+        # The first epoch has read all it trains on; the second reads after its validation.
+        first_epoch = fault_proxy.bytes_served(train)
+        fault_proxy.reset_counts()
+        first = running.result()
     shard_bytes = sum(sh.bytes for sh in manifest.shards("train"))
-    assert 0.9 * shard_bytes <= served <= 1.1 * shard_bytes, (served, shard_bytes)
+    assert 0.9 * shard_bytes <= first_epoch <= 1.1 * shard_bytes, (first_epoch, shard_bytes)
+    assert fault_proxy.requests_served(train) == 0 and fault_proxy.bytes_served(train) == 0
+    assert first.metrics["feature_cache"] is False
     keys = s3.list_keys(bucket, "runs/digits-s3/")
     assert "runs/digits-s3/result.json" in keys
     assert sum(k.endswith("/state.pt") for k in keys) == 2

@@ -9,6 +9,7 @@ import pytest
 from sample_log import trained_history
 
 from cluster.cli import main
+from training.checkpoint import find_checkpoint, load_state
 from training.evaluate import load_trained
 
 EPOCHS = 4
@@ -51,7 +52,6 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
         assert 1e-3 <= float(r["lr"]) <= 1e-1
         assert 0 <= float(r["meta_lambda"]) <= 0.01
         assert r["adapters"] in ("none", "layer4") and r["batch_size"] in ("16", "32")
-        assert 0 <= float(r["best_val_accuracy"]) <= 1
         assert r["trial"] in out
     assert any(r["status"] == "TERMINATED" for r in rows), "ASHA lets the leader finish"
 
@@ -67,6 +67,18 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
             assert r["status"] == "STOPPED" and 1 <= int(r["epochs"]) < EPOCHS, r
             assert not (run / "result.json").exists(), r
 
+    # Each row's accuracy is the best its run reached in the epochs the row counts (the
+    # history in its newest checkpoint; a trial that ASHA stopped may have finished another
+    # epoch before the stop reached it), and a trial that trained every epoch lowered its
+    # training loss.
+    for r in rows:
+        history = load_state(find_checkpoint(r["run_dir"])).position.history
+        assert len(history) >= int(r["epochs"]), r
+        reached = max(h["val_accuracy"] for h in history[: int(r["epochs"])])
+        assert float(r["best_val_accuracy"]) == pytest.approx(reached, abs=5e-5), r
+        if r["status"] == "TERMINATED":
+            assert history[-1]["loss"] < history[0]["loss"], (r, history)
+
     # --sample-log: each trial logs the batches it trained into its own directory.
     assert sorted(p.name for p in log.iterdir()) == sorted(r["trial"] for r in rows)
     for r in rows:
@@ -78,6 +90,10 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
     best_dir = best_line[0].split()[-1]
     best = max(rows, key=lambda r: float(r["best_val_accuracy"]))
     assert best_dir == best["run_dir"] and Path(best_dir).parent == tmp_path / "sweep"
+    # Above chance (10 digits: 0.1). The trials --seed draws train the same every time; of
+    # them, the one ASHA never stops reaches 11 of the 67 validation digits (0.164), the
+    # others that may finish, depending on when each reports, up to 0.194.
+    assert float(best["best_val_accuracy"]) > 0.14, best
     model, cfg, state = load_trained(best_dir)
     assert cfg.lr == pytest.approx(float(best["lr"]))
     assert cfg.batch_size == int(best["batch_size"])

@@ -129,23 +129,46 @@ def silent_server():
 
 
 FETCH = """
-import hashlib, sys, time
+import hashlib, sys
 from training import weights
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))
 print(hashlib.sha256(weights.fetch(sys.argv[1], sys.argv[2])).hexdigest())
 """
 
 
-def start_fetch(url: str, sha: str, at: float = 0.0) -> subprocess.Popen:
-    """Another process of this node fetching `url` (at wall-clock time `at`), as a worker does."""
+def start_fetch(url: str, sha: str) -> subprocess.Popen:
+    """Another process of this node fetching `url`, as a worker does."""
     return subprocess.Popen(
-        [sys.executable, "-c", FETCH, url, sha, str(at)],
+        [sys.executable, "-c", FETCH, url, sha],
         cwd=ROOT,
         env=os.environ,  # the node cache, the S3 endpoint and the dummy credentials
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def waiting_for_lock(lock: Path) -> set[int]:
+    """The PIDs blocked in `flock` on the file `lock` (/proc/locks lists them after "->")."""
+    inode = str(lock.stat().st_ino)
+    pids = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # 1: -> FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE START END
+        if fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == inode:
+            pids.add(int(fields[5]))
+    return pids
+
+
+def wait_until_waiting_for_lock(lock: Path, procs: list[subprocess.Popen]) -> None:
+    """Until every process of `procs` waits for `lock`; AssertionError if one ends first, or
+    after 60 s."""
+    pids = {p.pid for p in procs}
+    deadline = time.monotonic() + 60
+    while not pids <= (waiting := waiting_for_lock(lock)):
+        for p in procs:
+            assert p.poll() is None, f"a fetch ended before waiting: {p.stderr.read()}"
+        in_time = time.monotonic() < deadline
+        assert in_time, f"fetches {sorted(pids - waiting)} did not wait for {lock} within 60 s"
+        time.sleep(0.05)
 
 
 # --- the same weights, whatever the source ---------------------------------------------------
@@ -177,19 +200,28 @@ def test_http_weights_are_fetched_once_and_checked(file_server, resnet_file, nod
 
 
 def test_a_node_downloads_once_whatever_its_processes_do(s3, bucket, fault_proxy, node_cache):
-    """Three processes of one node ask at the same moment, while the download is slow: one
-    GET reaches S3. Then none (cached); a damaged cache file is fetched again."""
+    """Three processes of one node ask while the node's lock of the file is held (here by the
+    test, as by a process downloading it): all three wait for it, and once it is free one GET
+    reaches S3. Then none (cached); a damaged cache file is fetched again."""
     url = put(bucket, "weights/small.pth", SMALL)
     s3_module.set_endpoint(fault_proxy.endpoint)
-    fault_proxy.set_faults(delay=0.5, methods={"GET"})
-    at = time.time() + 2.0  # after every process has started and imported
-    procs = [start_fetch(url, SMALL_SHA, at) for _ in range(3)]
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 0, err
-        assert out.strip() == SMALL_SHA
+    node_cache.mkdir(parents=True)
+    lock = node_cache / f"{SMALL_SHA}.lock"
+    procs = []
+    try:
+        with weights._locked(lock):
+            procs = [start_fetch(url, SMALL_SHA) for _ in range(3)]
+            wait_until_waiting_for_lock(lock, procs)
+            assert fault_proxy.requests_served(url) == 0
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            assert out.strip() == SMALL_SHA
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert fault_proxy.requests_served(url) == 1
-    fault_proxy.set_faults()
 
     assert weights.fetch(url, SMALL_SHA) == SMALL
     assert fault_proxy.requests_served(url) == 1  # from the cache
@@ -208,7 +240,9 @@ def test_a_killed_download_leaves_nothing_behind(file_server, node_cache):
     url = f"{file_server.url}/w.pth"
     proc = start_fetch(url, SMALL_SHA)
     deadline = time.monotonic() + 30
-    while not file_server.gets and time.monotonic() < deadline:
+    while not file_server.gets:
+        assert proc.poll() is None, f"the fetch ended before its GET: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "the fetch sent no GET within 30 s"
         time.sleep(0.05)
     proc.kill()  # mid-download, holding the node's lock
     proc.wait()
