@@ -42,31 +42,26 @@ def small_config() -> Callable[..., TrainConfig]:
     return make
 
 
+def _train_once(name: str, settings: dict, shards, small_config, tmp_path_factory):
+    """`settings` trained once with a sample log: (result.json, run directory, log directory)."""
+    from training.driver import run_training
+
+    root = tmp_path_factory.mktemp(name)
+    log = root / "log" / name
+    cfg = small_config(shards, root / "runs", name=name, sample_log=str(log), **settings)
+    outcome = run_training(cfg)
+    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log
+
+
 @pytest.fixture(scope="session")
 def reference_run(shards, small_config, tmp_path_factory) -> tuple[dict, Path, Path]:
     """REFERENCE_RUN trained once, with a sample log, for every module that compares with it:
     (its result.json, its run directory (never changed; copy it), its sample-log directory)."""
-    from training.driver import run_training
-
-    root = tmp_path_factory.mktemp("reference")
-    log = root / "log" / "reference"
-    cfg = small_config(
-        shards, root / "runs", name="reference", sample_log=str(log), **REFERENCE_RUN
-    )
-    outcome = run_training(cfg)
-    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log
+    return _train_once("reference", REFERENCE_RUN, shards, small_config, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def augmented_reference_run(shards, small_config, tmp_path_factory) -> tuple[dict, Path, Path]:
     """AUGMENTED_RUN (augmentation on, no feature cache) trained once, with a sample log, as
     `reference_run`: (its result.json, its run directory, its sample-log directory)."""
-    from training.driver import run_training
-
-    root = tmp_path_factory.mktemp("augmented-reference")
-    log = root / "log" / "augmented"
-    cfg = small_config(
-        shards, root / "runs", name="augmented", sample_log=str(log), **AUGMENTED_RUN
-    )
-    outcome = run_training(cfg)
-    return json.loads(Path(outcome.result_file).read_text()), Path(outcome.run_dir), log
+    return _train_once("augmented", AUGMENTED_RUN, shards, small_config, tmp_path_factory)
