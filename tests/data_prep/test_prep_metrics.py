@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from s3_support import free_port
+from tool_support import missing_tool
 
 from cluster.cli import main
 from data_prep.contract import read_manifest
@@ -27,7 +28,7 @@ BINARY_NAMES = ("prometheus-pushgateway", "pushgateway")
 def pushgateway(tmp_path_factory):
     binary = next((b for b in map(shutil.which, BINARY_NAMES) if b), None)
     if binary is None:
-        pytest.skip("no Pushgateway binary: apt-get install prometheus-pushgateway")
+        missing_tool("no Pushgateway binary: apt-get install prometheus-pushgateway")
     port = free_port()
     data = tmp_path_factory.mktemp("pushgateway") / "metrics.data"
     process = subprocess.Popen(

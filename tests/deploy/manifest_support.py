@@ -13,7 +13,6 @@ install; it never passes on an empty list of builds.
 from __future__ import annotations
 
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tool_support import missing_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -58,10 +58,7 @@ def tool(name: str) -> str:
     found = find_tool(name)
     if found:
         return found
-    message = f"{name} is not installed: {INSTALL[name]} (.ci/run does)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(message)
+    missing_tool(f"{name} is not installed: {INSTALL[name]}")
 
 
 KUBECTL = find_tool("kubectl")

@@ -21,6 +21,7 @@ from prometheus_support import MISSING, PrometheusServer, prometheus_binary
 from ray_nodes import RAY
 from s3_support import FaultProxy, free_port
 from sample_log import trained_history
+from tool_support import missing_tool
 
 from data_prep.contract import read_manifest
 
@@ -226,7 +227,7 @@ def test_submitted_prep_and_train_succeed_with_a_result(nodes, submitted, tiny_d
 
 def test_prometheus_scraped_the_samples_the_submitted_run_trained(submitted):
     if submitted.prometheus is None:
-        pytest.skip(MISSING)
+        missing_tool(MISSING)
     result = json.loads((submitted.run_dir / "result.json").read_text())
     trained = sum(len(keys) for keys in trained_history(str(submitted.sample_log)).values())
     # What the run says it trained: its global steps × the one worker's batch, the train
