@@ -5,16 +5,18 @@
     .venv/bin/python bench/data_scaling.py --manifest /tmp/digits-shards --measure
 
 A shape is nodes × GPUs per node × loader workers: R = nodes × GPUs ranks (contiguous on a
-node), Q = R × loader workers readers. Every number comes from `training.order` and the
-manifest's per-sample byte index, for epoch 0 with the config's seed; nothing is read but the
-manifest. Reads count the chunks an epoch's steps actually reach (the dropped tail's unread
-chunks excluded); the cache column counts whole partitions (a `--cache-dir` entry is a
-partition's part of a shard). `--synthetic-imagenet` stands in ImageNet's train split:
-1,281,167 samples in 1,024 shards, JPEG sizes drawn (seeded) log-normal around 110 KB.
+node), each the one reader of its partitions (Q = R; loader workers only decode). Every number
+comes from `training.order` and the manifest's per-sample byte index, for epoch 0 with the
+config's seed; nothing is read but the manifest. Reads count the chunks an epoch's steps
+actually reach (the dropped tail's unread chunks excluded); the cache column counts whole
+partitions (a `--cache-dir` entry is a partition's part of a shard). `--synthetic-imagenet`
+stands in ImageNet's train split: 1,281,167 samples in 1,024 shards, JPEG sizes drawn (seeded)
+log-normal around 110 KB.
 
-`--measure` also runs the real loader (`build_loader`) on a local dataset at small shapes,
-each rank after the other in this process, counts the bytes read from storage through
-`METATRAINER_READ_LOG` and prints them next to the computed value, with images/s.
+`--measure` also runs the real loader (`build_loader`: the rank reads, its loader workers
+decode) on a local dataset at small shapes, each rank after the other in this process, counts
+the bytes read from storage through `METATRAINER_READ_LOG` and prints them next to the computed
+value, with images/s.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class Shape:
 
     @property
     def readers(self) -> int:
-        return order.readers(self.ranks, self.workers)
+        """Readers are ranks: loader workers only decode."""
+        return self.ranks
 
     def __str__(self) -> str:
         return f"{self.nodes}x{self.gpus}x{self.workers}"
@@ -171,13 +174,13 @@ def compute(split: Split, parting: Partitioning, shape: Shape, batch_size: int) 
     owner = np.empty(p, dtype=np.int64)
     shards = []
     for reader in range(q):
-        mine = order.reader_partitions(reader, q, p)
-        owner[mine.start : mine.stop : mine.step] = reader
+        mine = order.rank_partitions(reader, q, p)
+        owner[mine] = reader
         touched: set[int] = set()
         for j in mine:
             touched.update(range(parting.first_shard[j], parting.last_shard[j] + 1))
         shards.append(len(touched))
-    node = (owner % r) // shape.gpus  # reader q = rank + R·w; ranks contiguous on a node
+    node = owner // shape.gpus  # ranks contiguous on a node
     read = parting.read_in_epoch(split, steps * g)
     lo, hi, spread = _decoded_per_step(p, q, g, steps)
     return Row(
@@ -202,8 +205,8 @@ def _decoded_per_step(p: int, q: int, g: int, steps: int) -> tuple[int, int, int
     for t0 in range(0, steps, block):
         consumed = (np.arange(t0, min(steps, t0 + block)) * g)[:, None]
         per_partition = order.taken(js, p, consumed + g) - order.taken(js, p, consumed)
-        # Partition j = i·Q + q belongs to reader q.
-        per_reader = per_partition.reshape(len(consumed), p // q, q).sum(axis=1)
+        # Partition j belongs to reader j mod Q (unevenly where Q does not divide P).
+        per_reader = np.stack([per_partition[:, r::q].sum(axis=1) for r in range(q)], axis=1)
         lo, hi = min(lo, int(per_reader.min())), max(hi, int(per_reader.max()))
         spread = max(spread, int((per_reader.max(axis=1) - per_reader.min(axis=1)).max()))
     return lo, hi, spread
@@ -252,20 +255,13 @@ def print_computed(split: Split, shapes: list[Shape], args: argparse.Namespace) 
     footnotes = []
     for shape in shapes:
         p = args.partitions
-        if p % shape.readers:
-            p = -(-p // shape.readers) * shape.readers
-            footnotes.append(
-                f"* {shape}: Q = {shape.readers} does not divide P = {args.partitions}; "
-                f"computed with P = {p}, the smallest multiple of Q ≥ P"
-            )
         if p not in partitionings:
             partitionings[p] = Partitioning(split, p, args.shuffle_block, cfg.seed, epoch=0)
         row = compute(split, partitionings[p], shape, args.batch_size)
-        mark = "*" if p != args.partitions else ""
         if not row.steps:
             footnotes.append(f"- {shape}: a global batch is more than the split; no step")
         print(
-            f"{str(shape):<8} {shape.ranks:>4} {shape.readers:>5} {f'{p}{mark}':>6} │ "
+            f"{str(shape):<8} {shape.ranks:>4} {shape.readers:>5} {p:>6} │ "
             f"{_mean_max(row.read / scale, 2):>15} {_mean_max(row.cache / scale, 2):>15} "
             f"{_mean_max(row.shards_per_reader, 0):>13} {row.amplification:>11.4f} │ "
             + (
@@ -278,8 +274,6 @@ def print_computed(split: Split, shapes: list[Shape], args: argparse.Namespace) 
         )
     for note in footnotes:
         print(note)
-    every = math.lcm(*(s.readers for s in shapes))
-    print(f"smallest P every shape above can serve: {every:,} (the lcm of their Q)")
 
 
 def _mean_max(values: np.ndarray, digits: int) -> str:
@@ -309,7 +303,6 @@ def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Names
     print(head)
     print("─" * len(head))
     for shape in args.measure_shapes:
-        order.check_shape(args.partitions, shape.ranks, shape.workers)
         parting = Partitioning(split, args.partitions, args.shuffle_block, cfg.seed, epoch=0)
         computed = compute(split, parting, shape, args.batch_size).amplification
         with tempfile.TemporaryDirectory() as log:

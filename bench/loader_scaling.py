@@ -1,15 +1,18 @@
-"""Where one rank's CPU loader spends its time as loader workers grow: a table of images/s.
+"""One rank's CPU loader as loader workers grow: images/s at W = 1, 2, 4, 8, 16, side by side.
 
-    .venv/bin/python bench/loader_scaling.py --workers 2 --photos-count 800 --copies 4
-    python3 bench/loader_scaling.py --workers 16 --photos .photos      # a 16-core GPU machine
+    .venv/bin/python bench/loader_scaling.py --photos-count 800 --copies 4      # this machine
+    python3 bench/loader_scaling.py --photos .photos                            # 16 cores
 
-Rows, each measured once over `--batches` batches of 64 after a warm-up batch (and a short
-row, as `bench/throughput.py` times it, to show the start-up share):
-- torchvision's ImageFolder + DataLoader, the anchor;
-- ours as `metatrainer train` would resolve --partitions/--shuffle-block for this dataset;
-- ours with one partition per loader worker (each worker reads only what it decodes);
-- ours reading and planning crops only (`--decode gpu`'s loader side: no JPEG decode);
-- ours with half the workers.
+For each W, measured once over `--batches` batches of 64 (224 px, augmentation on) after a
+warm-up batch that pays for starting the processes:
+- **ceiling**: our `decode_cpu` in W plain forked processes, no loader (what the cores can
+  decode; `bench/decode_scaling.py`);
+- **ours**: `StepLoader` (the rank reads, loader worker w decodes steps t ≡ w mod W whole and
+  hands each over as one uint8 tensor), the order's defaults as `metatrainer train` resolves
+  them for this dataset;
+- **torchvision**: ImageFolder + DataLoader(num_workers=W), the textbook anchor.
+Then the ratios the targets are stated in: ours ÷ ceiling, ours ÷ torchvision, and ours at W ÷
+ours at 2 (no collapse as workers grow).
 """
 
 from __future__ import annotations
@@ -24,34 +27,49 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import decode_scaling  # noqa: E402
 from baselines import torchvision_loader_rate  # noqa: E402
 from loader_bench import train_batches  # noqa: E402
 from photos import write_photo_folder, write_shards  # noqa: E402
 from throughput import replicate  # noqa: E402
 
-from training.data import build_loader  # noqa: E402
+from training.data import StepLoader  # noqa: E402
+
+BATCH = 64
 
 
 def ours(shards: str, workers: int, batches: int, size: int, **kw) -> float:
-    data, _ = train_batches(shards, 64, size, True, **kw)
-    loader = iter(build_loader(data, workers))
+    data, _ = train_batches(shards, BATCH, size, True, **kw)
+    loader = StepLoader([data], workers, persistent=False).epoch()
     next(loader)
     images, start = 0, time.perf_counter()
-    for _, (_, labels) in zip(range(batches), loader, strict=False):
+    for _, [(_, labels, _)] in zip(range(batches), loader, strict=False):
         images += len(labels)
     return images / (time.perf_counter() - start)
 
 
+def ceiling(folder: Path, workers: int, images: int) -> float:
+    if not decode_scaling._DATA:
+        decode_scaling._DATA.extend(p.read_bytes() for p in sorted(folder.glob("*/*.jpg"))[:400])
+    decode_scaling.SIZE = SIZE
+    return decode_scaling.pool_rate("ours", workers, max(8, images // workers))
+
+
+SIZE = 224
+
+
 def main() -> None:
+    global SIZE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
-    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--workers", default="1,2,4,8,16", help="loader worker counts W")
+    parser.add_argument("--batches", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--photos", help="a folder of .jpg photos (default: scikit-learn's)")
     parser.add_argument("--photos-count", type=int, default=1500)
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--workdir", help="reuse/keep the photos and shards here")
     args = parser.parse_args()
+    SIZE = args.image_size
     work = Path(args.workdir or tempfile.mkdtemp(prefix="loader-scaling-"))
     folder, shards = work / "photos", str(work / "shards")
     if not folder.exists():
@@ -59,30 +77,36 @@ def main() -> None:
     replicate(folder, args.copies)
     if not (Path(shards) / "manifest.json").exists():
         write_shards(folder, shards, shard_samples=500)
-    n, w, b, px = len(list(folder.glob("*/*.jpg"))), args.workers, args.batches, args.image_size
-    rows: list[tuple[str, float]] = []
+    n, b, px = len(list(folder.glob("*/*.jpg"))), args.batches, args.image_size
+    counts = [int(w) for w in args.workers.split(",")]
 
-    def row(name: str, measure) -> None:
+    def measure(name: str, how) -> float:
         try:
-            rate = measure()
+            rate = how()
         except Exception as e:  # noqa: BLE001 - a row failing must not lose the others
             print(f"  {name}: failed: {type(e).__name__}: {e}", flush=True)
-            rate = float("nan")
-        rows.append((name, rate))
+            return float("nan")
         print(f"  {name}: {rate:,.0f} images/s", flush=True)
+        return rate
 
-    row(f"torchvision, {w} workers", lambda: torchvision_loader_rate(folder, px, w, 64, b))
-    row(f"ours, {w} workers, 40 batches", lambda: ours(shards, w, 40, px))
-    row(f"ours, {w} workers", lambda: ours(shards, w, b, px))
-    row(f"ours, {w} workers, --partitions {w}", lambda: ours(shards, w, b, px, partitions=w))
-    row(f"ours, {w} workers, read + plan only (--decode gpu)",
-        lambda: ours(shards, w, b, px, device_decode=True))  # fmt: skip
-    row(f"ours, {w // 2} workers", lambda: ours(shards, w // 2, b, px))
-    anchor = rows[0][1]
-    print(f"\nloader scaling: {n} photos, {px} px, batch 64, {b} batches, {os.cpu_count()} CPUs\n")
-    print("| loader | images/s | vs torchvision |\n|---|---:|---:|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / anchor:.2f}× |")
+    rows = []
+    for w in counts:
+        rows.append((
+            w,
+            measure(f"ceiling, {w} processes", lambda w=w: ceiling(folder, w, b * BATCH)),
+            measure(f"ours, {w} workers", lambda w=w: ours(shards, w, b, px)),
+            measure(f"torchvision, {w} workers",
+                    lambda w=w: torchvision_loader_rate(folder, px, w, BATCH, b)),
+        ))  # fmt: skip
+    ours_at_2 = next((r[2] for r in rows if r[0] == 2), float("nan"))
+    print(f"\nloader scaling: {n} photos, {px} px, batch {BATCH}, {b} batches a row, "
+          f"{os.cpu_count()} CPUs\n")  # fmt: skip
+    print("| W | ceiling (decode_cpu, W processes) | ours | torchvision | ours ÷ ceiling | "
+          "ours ÷ torchvision | ours ÷ ours at W=2 |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for w, top, mine, tv in rows:
+        print(f"| {w} | {top:,.0f} | {mine:,.0f} | {tv:,.0f} | {mine / top:.2f} | "
+              f"{mine / tv:.2f}× | {mine / ours_at_2:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

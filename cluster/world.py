@@ -1,8 +1,8 @@
-"""Who this process is: rank, loader worker, reader; and how evaluation is split.
+"""Who this process is: rank and loader worker; and how evaluation is split.
 
-A *reader* is one DataLoader worker of one training rank. Training samples are dealt to
-readers by partition (`training.order`, reader q serving partitions j ≡ q mod readers);
-evaluation samples go to ranks in contiguous ranges, and to loader workers by batch.
+Training samples are dealt to ranks by partition (`training.order`: rank r reads the
+partitions j ≡ r mod ranks, its loader workers only decode); evaluation samples go to ranks in
+contiguous ranges, and to loader workers by batch.
 """
 
 from __future__ import annotations
@@ -36,17 +36,6 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def readers(self) -> int:
-        """Readers in the world: every loader worker of every rank."""
-        return self.world_size * self.loader_workers
-
-    @property
-    def reader(self) -> int:
-        """This reader's number: a rank's readers are `world_size` apart, so rank r of R serves
-        the partitions j ≡ r (mod R) whatever its number of loader workers."""
-        return self.rank + self.world_size * self.loader_worker
 
     def with_loader_worker(self, worker: int, workers: int) -> World:
         return World(self.rank, self.world_size, self.local_rank, worker, max(1, workers))

@@ -105,9 +105,9 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
         type=int,
         default=defaults.partitions,
         metavar="P",
-        help="canonical readers of the data order: workers × loader workers must divide it; "
-        "fixed for the life of a run (default: 1024, or the largest power of two that leaves "
-        "a small train split 64 samples a partition)",
+        help="parts of the data order, dealt to the ranks (any number of workers serves any "
+        "P); fixed for the life of a run (default: 1024, or the largest power of two that "
+        "leaves a small train split 64 samples a partition)",
     )
     o.add_argument(
         "--shuffle-block",

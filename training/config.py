@@ -78,12 +78,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     """Checkpoints kept in storage; older ones are deleted (0 keeps all)."""
     partitions: int | None = None
-    """Canonical readers of the data order; ranks × loader workers must divide it. Fixed for
+    """Parts of the data order, dealt to the ranks (any number of ranks serves any P). Fixed for
     the life of a run (part of the order, like the seed). None: 1024, fewer for a small train
     split (`training.order.auto_partitions`), resolved when the run starts."""
     shuffle_block: int | None = None
     """Samples of a partition read together and permuted together (part of the order). None:
-    as many as keep the readers of a dataset under 2 GB (`training.order.auto_block`)."""
+    as many as keep a dataset's chunks in reading under 2 GB (`training.order.auto_block`)."""
     mix: str = "proportional"
     """With several datasets, how a step's batch is shared among them (part of the order):
     `proportional` to their train samples (each read once an epoch), `uniform`, or

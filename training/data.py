@@ -2,27 +2,31 @@
 
 Three layers, as in timm: `SplitReader` reads runs of samples (compressed bytes) with one
 ranged read per shard they touch, found through the manifest's index; `TrainBatches` and
-`EvalBatches` decide which runs this reader needs and decode them; `build_loader` wraps them in
-a DataLoader.
+`EvalBatches` decide which runs a rank needs; `StepLoader` and `build_loader` decode them in
+loader workers.
 
-Training follows `training.order`: reader q (rank r, loader worker w) serves the partitions
-j ≡ q (mod readers) and yields, every step, its part of the rank's batch; the loader
-concatenates the parts of a step from its workers in partition order. So what a rank trains
-on does not depend on the number of loader workers, and no two readers read the same bytes.
-Augmentation is seeded per sample by (seed, epoch, the sample's place in the split), so it
-does not depend on which rank, worker or batch decodes a sample either.
+Training follows `training.order`: the rank is the reader. A thread of the training process
+reads the chunks of the partitions the rank owns (j ≡ rank mod ranks) ahead of need and
+assembles each step's samples, all datasets of a mix together, in partition-key order. Loader
+worker w of W then decodes steps t ≡ w (mod W) entire and hands each back as one uint8 image
+tensor and one label tensor per dataset; the workers persist across epochs. So what a rank
+trains on, and which bytes it reads, do not depend on the number of loader workers, and no
+two ranks read the same bytes. Augmentation is seeded per sample by (seed, epoch, the
+sample's place in the split), so it does not depend on which rank or worker decodes it either.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from webdataset.gopen import gopen_schemes
 
 from cluster import storage
@@ -35,7 +39,6 @@ from training.decode import (
     Encoded,
     Images,
     decode_cpu,
-    join_images,
     plan_crop,
     sample_rng,
 )
@@ -137,16 +140,46 @@ class _Batches(IterableDataset):
         cache = ShardCache(self.cache_dir, self.cache_size) if self.cache_dir else None
         return SplitReader(self.dataset, self.shards, cache)
 
+    @property
+    def decoder(self) -> StepDecoder:
+        return StepDecoder(
+            self.image_size, self.augment, self.seed, self.device_decode, self.center
+        )
+
     def _decode(self, samples: Iterable[tuple[int, Sample]]) -> tuple[Images, torch.Tensor, list]:
-        """Images, labels and keys of (layout position, sample) pairs, decoded as they come (so
-        decoding overlaps the reads still under way); the position seeds the augmentation.
-        With `device_decode`, JPEGs stay encoded and only their crops are planned here."""
-        size, labels, keys = self.image_size, [], []
-        encoded, crops = Encoded(size), []
+        return self.decoder.decode(self._checked(samples), self.epoch)
+
+    def _checked(self, samples: Iterable[tuple[int, Sample]]) -> Iterator[tuple[int, Sample]]:
         for place, sample in samples:
             if not 0 <= sample.label < self.num_classes:
                 raise UserError(f"{self.dataset}: a label is outside the manifest's class list")
-            rng = sample_rng(self.seed, self.epoch, place) if self.augment else None
+            yield place, sample
+
+
+class StepDecoder(Dataset):
+    """What a loader worker runs: (layout position, sample) pairs → images, labels and keys.
+    As a map-style dataset, its "index" is a whole step of every dataset (`StepLoader`)."""
+
+    def __init__(
+        self, size: int, augment: bool, seed: int, device_decode: bool, center: float
+    ) -> None:
+        self.size, self.augment, self.seed = size, augment, seed
+        self.device_decode, self.center = device_decode, center
+
+    def __getitem__(self, job: tuple[int, list[list[tuple[int, Sample]]]]) -> list[tuple]:
+        epoch, parts = job
+        return [self.decode(samples, epoch) for samples in parts]
+
+    def decode(
+        self, samples: Iterable[tuple[int, Sample]], epoch: int
+    ) -> tuple[Images, torch.Tensor, list[str]]:
+        """Decoded as they come (so decoding overlaps reads still under way); the position
+        seeds the augmentation. With `device_decode`, JPEGs stay encoded and only their crops
+        are planned here. Crops are written into one contiguous uint8 batch."""
+        size, labels, keys = self.size, [], []
+        encoded, crops = Encoded(size), []
+        for place, sample in samples:
+            rng = sample_rng(self.seed, epoch, place) if self.augment else None
             plan = partial(plan_crop, rng=rng, center=self.center)
             if self.device_decode:
                 encoded.add(sample.image, plan)
@@ -166,8 +199,9 @@ class _Batches(IterableDataset):
 class TrainBatches(_Batches):
     """One rank's training batches of an epoch in the partitioned order, resumable anywhere.
 
-    Every loader worker yields one part per step (possibly empty); `build_loader` joins the
-    parts of a step. Resuming after `consumed` samples is arithmetic: each partition starts at
+    The rank reads the partitions it owns (`owned`) and `steps` yields its part of each step
+    (possibly empty); `StepLoader` has it decoded. Resuming after `consumed` samples is
+    arithmetic: each partition starts at
     (consumed + j) // P of its sequence, chunks before it are never read, and samples before it
     in its chunk are read but not decoded.
 
@@ -232,17 +266,28 @@ class TrainBatches(_Batches):
         part = order.Partition.of(j, self.partitions, self.total)
         return order.PartitionEpoch(part, self.block, self.seed, self.epoch, epoch_pass)
 
-    def __iter__(self) -> Iterator[tuple]:
-        world = self._reader_world()
-        order.check_shape(self.partitions, world.world_size, world.loader_workers)
-        mine = list(order.reader_partitions(world.reader, world.readers, self.partitions))
+    @property
+    def owned(self) -> list[int]:
+        """The partitions this rank owns and reads, in batch-key order (none: an empty part)."""
+        return order.rank_partitions(self.world.rank, self.world.world_size, self.partitions)
+
+    def steps(self) -> Iterator[list[tuple[int, Sample]]]:
+        """This rank's (place, sample) pairs of each step left in the epoch, in batch order:
+        partitions in `order.batch_keys` order, each in its sequence order. Chunks are read
+        ahead by a thread pool in the order they are needed."""
+        keys = order.batch_keys(self.partitions)
+        mine = sorted(self.owned)
         with _Prefetcher(self._reader(), self.partition_epoch, self._schedule(mine)) as chunks:
             for t in range(len(self)):
                 owners: list[int] = []
-                images, labels, keys = self._decode(self._step(t, mine, chunks, owners))
-                # Small values as lists: each tensor crosses from a loader process in a shared
-                # memory segment of its own, which costs more than pickling a few ints.
-                yield images, labels.tolist(), owners, keys
+                samples = list(self._checked(self._step(t, mine, chunks, owners)))
+                by_key = sorted(range(len(samples)), key=lambda i: keys[owners[i]])  # stable
+                yield [samples[i] for i in by_key]
+
+    def __iter__(self) -> Iterator[tuple]:
+        """This rank's batches, decoded here (no loader workers)."""
+        for samples in self.steps():
+            yield self.decoder.decode(samples, self.epoch)
 
     def _step(
         self, t: int, mine: list[int], chunks: _Prefetcher, owners: list[int]
@@ -281,9 +326,12 @@ class TrainBatches(_Batches):
 
 
 class _Prefetcher:
-    """A reader's chunks, loaded in the order it will need them, `AHEAD` in flight."""
+    """A rank's chunks of one dataset, loaded in the order it will need them, `AHEAD` in
+    flight on `THREADS` threads: one rank now reads for all its loader workers, so enough
+    ranged GETs overlap to hide S3's latency (32 chunks of ~2 MB for ImageNet's defaults)."""
 
-    AHEAD = 8
+    AHEAD = 32
+    THREADS = 16
 
     def __init__(
         self,
@@ -295,7 +343,7 @@ class _Prefetcher:
         self.partition_epoch = partition_epoch
         self.parts: dict[tuple[int, int], order.PartitionEpoch] = {}  # (pass, partition) →
         self.newest_pass = 0
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chunks")
+        self.pool = ThreadPoolExecutor(max_workers=self.THREADS, thread_name_prefix="chunks")
         self.pending: deque = deque()
         # partition → ((pass, chunk), its samples): a partition is read forward, pass by pass.
         self.loaded: dict[int, tuple[tuple[int, int], list]] = {}
@@ -379,44 +427,126 @@ class EvalBatches(_Batches):
                 yield (images, labels, keys) if self.with_keys else (images, labels)
 
 
+class _Steps(Sampler):
+    """The "indices" of a `StepLoader`: each step's samples of every dataset, read and
+    assembled by a thread of the training process `ahead` steps in advance."""
+
+    def __init__(self, datasets: list[TrainBatches], ahead: int) -> None:
+        self.datasets, self.ahead = datasets, ahead
+
+    def __len__(self) -> int:
+        return min(len(b) for b in self.datasets)
+
+    def __iter__(self) -> Iterator[tuple[int, list]]:
+        epoch, steps = self.datasets[0].epoch, len(self)
+
+        def jobs() -> Iterator[tuple[int, list]]:
+            streams = [b.steps() for b in self.datasets]
+            try:
+                for _ in range(steps):
+                    yield epoch, [next(s) for s in streams]
+            finally:
+                for s in streams:
+                    s.close()
+
+        return _read_ahead(jobs(), self.ahead)
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_END = None
+
+
+def _read_ahead(items: Iterator, ahead: int) -> Iterator:
+    """`items`, produced by a daemon thread up to `ahead` in advance; its error raised here.
+    Abandoning the iterator stops the thread (and closes `items`, with its reads)."""
+    buffer: queue.Queue = queue.Queue(ahead)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            put(_Failed(e))
+        finally:
+            items.close()
+
+    threading.Thread(target=produce, name="rank-reader", daemon=True).start()
+    try:
+        while (item := buffer.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+def _as_is(batch):
+    return batch
+
+
+class StepLoader:
+    """One rank's training steps over every dataset of a mix, each a list of (images,
+    labels, keys) per dataset. The rank reads (`_Steps`, a thread of this process); loader
+    worker w decodes steps t ≡ w (mod W) entire, and persists across epochs when `persistent`;
+    with W = 0 this process decodes. Set each dataset's position, then iterate `epoch()`."""
+
+    def __init__(
+        self,
+        datasets: list[TrainBatches],
+        loader_workers: int,
+        pin_memory: bool = False,
+        persistent: bool = True,
+    ) -> None:
+        self.datasets = datasets
+        first = datasets[0]
+        self.loader = DataLoader(
+            first.decoder,
+            batch_size=None,
+            sampler=_Steps(datasets, ahead=2 * max(1, loader_workers) + 2),
+            num_workers=loader_workers,
+            collate_fn=_as_is,
+            pin_memory=pin_memory,
+            persistent_workers=persistent and loader_workers > 0,
+            prefetch_factor=2 if loader_workers else None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self) -> Iterator[list[tuple]]:
+        return iter(self.loader)
+
+
 def build_loader(
     batches: _Batches, loader_workers: int, pin_memory: bool = False
 ) -> Iterable[tuple]:
-    # Workers are rebuilt each epoch (not persistent) so they pick up set_position.
-    loader = DataLoader(
+    """One pass over `batches` with `loader_workers` workers: training batches in the rank's
+    step order, or evaluation batches; (images, labels), with keys when `with_keys`."""
+    if isinstance(batches, TrainBatches):
+        steps = StepLoader([batches], loader_workers, pin_memory, persistent=False).epoch()
+        return (
+            (images, labels, keys) if batches.with_keys else (images, labels)
+            for [(images, labels, keys)] in steps
+        )
+    return DataLoader(
         batches,
         batch_size=None,
         num_workers=loader_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if loader_workers else None,
     )
-    if isinstance(batches, TrainBatches):
-        keys = torch.tensor(order.batch_keys(batches.partitions))
-        return _join_parts(loader, max(1, loader_workers), keys, batches.with_keys)
-    return loader
-
-
-def _join_parts(
-    loader: DataLoader, parts: int, partition_keys: torch.Tensor, with_keys: bool
-) -> Iterator[tuple]:
-    """A step's parts come from the workers in turn (round robin): one batch, its samples in
-    the order of `order.batch_keys`, the same for every number of loader workers."""
-    it = iter(loader)
-    while True:
-        step = [part for _, part in zip(range(parts), it, strict=False)]
-        if not step:
-            return
-        assert len(step) == parts, "a loader worker ended before the others"
-
-        labels, owners, keys = ([x for p in step for x in p[i]] for i in (1, 2, 3))
-        # int64 even when empty: a rank or loader worker may hold no sample of a small
-        # dataset in a step, and an empty `torch.tensor([])` is float (no index).
-        labels = torch.tensor(labels, dtype=torch.int64)
-        owners = torch.tensor(owners, dtype=torch.int64)
-        # Stable: each partition's samples stay in its sequence order.
-        by_owner = torch.sort(partition_keys[owners], stable=True).indices
-        images, labels = join_images([p[0] for p in step], by_owner), labels[by_owner]
-        if with_keys:
-            yield images, labels, [keys[i] for i in by_owner.tolist()]
-        else:
-            yield images, labels

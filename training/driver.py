@@ -94,21 +94,10 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def check_workers(cfg: TrainConfig) -> None:
-    """Every world size Ray may choose must serve the partitions (elastic: all of MIN-MAX)."""
+    """A worker count, or an elastic range MIN-MAX: any shape serves any --partitions."""
     low = cfg.workers if cfg.min_workers is None else cfg.min_workers
     if low < 1 or low > cfg.workers:
         raise UserError(f"--workers needs 1 <= MIN <= MAX, not {low}-{cfg.workers}")
-    if low == cfg.workers:
-        order.check_shape(cfg.partitions, cfg.workers, cfg.loader_workers)
-        return
-    fits = order.admissible_workers(cfg.partitions, low, cfg.workers, cfg.loader_workers)
-    if fits != list(range(low, cfg.workers + 1)):
-        raise UserError(
-            f"--workers {low}-{cfg.workers} with {max(1, cfg.loader_workers)} loader workers "
-            f"needs --partitions divisible by every reader count in the range (e.g. "
-            f"{order.partitions_for(low, cfg.workers, cfg.loader_workers)}); with --partitions "
-            f"{cfg.partitions} these worker counts fit: {', '.join(map(str, fits)) or 'none'}"
-        )
 
 
 def resolve_locations(cfg: TrainConfig) -> None:

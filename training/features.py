@@ -252,7 +252,7 @@ def _load(
 class CachedBatches:
     """One rank's training batches from cached features, in exactly `TrainBatches`' order:
     its partitions in `order.batch_keys` order, each partition's samples in sequence order
-    (what the loader's join of its workers' parts gives, whatever their number)."""
+    (what `TrainBatches.steps` gives)."""
 
     def __init__(self, batches: TrainBatches, feats: SplitFeatures) -> None:
         self.batches, self.feats = batches, feats
@@ -262,14 +262,14 @@ class CachedBatches:
 
     def __iter__(self) -> Iterator[tuple]:
         b, feats = self.batches, self.feats
-        p, world = b.partitions, b.world
-        keys = order.batch_keys(p)
-        mine = sorted(range(world.rank, p, world.world_size), key=lambda j: keys[j])
+        p = b.partitions
+        mine = b.owned  # none: a rank with more ranks than partitions steps with empty parts
         sequences: dict[tuple[int, int], list[int]] = {}  # (pass, partition) → its positions
         for t in range(len(b)):
             runs = b.step_runs(t)  # several passes only where a mixed dataset wraps
             for k, _, _ in runs:
-                if (k, mine[0]) not in sequences:  # a new pass: those before the last are done
+                # A new pass: those before the last are done with.
+                if mine and (k, mine[0]) not in sequences:
                     sequences = {key: v for key, v in sequences.items() if key[0] >= k - 1}
                     sequences |= {(k, j): b.partition_epoch(j, k).positions for j in mine}
             positions = [

@@ -32,7 +32,7 @@ from data_prep.contract import Manifest, read_manifest
 from training import progress
 from training.checkpoint import Position, TrainState, rng_state, save_state, set_rng_state
 from training.config import TrainConfig
-from training.data import EvalBatches, TrainBatches, build_loader
+from training.data import EvalBatches, StepLoader, TrainBatches
 from training.decode import to_input
 from training.evaluate import (
     REPORT_DIR,
@@ -158,6 +158,8 @@ def _train(
             cache.load_train(cache.fill(d, m, "train"), b).to(device)
             for d, m, b in zip(cfg.data, manifests, train_sets, strict=True)
         ]
+    # The rank reads; its loader workers decode whole steps and live as long as the run.
+    loaders = None if cache else StepLoader(train_sets, cfg.loader_workers, device.type == "cuda")
     log = _sample_log(cfg, world, pos)
     stride = cfg.batch_size * world.world_size
     sums = LossSums(device)
@@ -202,14 +204,14 @@ def _train(
             batches.set_position(pos.epoch, pos.consumed)
         steps = min(len(b) for b in train_sets)
         if cache:
-            loaders = [iter(CachedBatches(b, f)) for b, f in zip(train_sets, cached, strict=True)]
+            cached_sets = [CachedBatches(b, f) for b, f in zip(train_sets, cached, strict=True)]
+            loader = zip(*cached_sets, strict=False)
         else:
-            pin = device.type == "cuda"
-            loaders = [iter(build_loader(b, cfg.loader_workers, pin)) for b in train_sets]
+            loader = loaders.epoch()
         started = time.perf_counter()
         clock.restart()
         for i in range(steps):
-            batch = [next(it) for it in loaders]
+            batch = next(loader)
             clock.batch_ready()
             # Cached features are already on the device; images are decoded/normalised there.
             inputs = torch.cat([b[0] if cache else to_input(b[0], device) for b in batch])
@@ -233,7 +235,7 @@ def _train(
             if every and pos.step % every == 0 and i < steps - 1:
                 read_losses()
                 checkpoint({"epoch": pos.epoch, "step": pos.step})
-        del loaders
+        del loader
         read_losses()
         scheduler.step()
         seconds = time.perf_counter() - started

@@ -17,12 +17,14 @@ partitions (`--partitions`), B samples a chunk (`--shuffle-block`) and G samples
   (Hermite's identity), so a step is G samples drawn from min(G, P) consecutive partitions,
   whose runs the stride c spreads evenly over the whole split; and the set of samples trained
   after C samples does not depend on G.
-- **Readers.** With R ranks and W loader workers per rank, reader q = r + R·w of Q = R·W
-  serves the partitions j ≡ q (mod Q) and reads nothing else. When Q divides P, rank r's
-  partitions give exactly G / R samples every step (the same identity, modulo R), and each
-  reader's part differs from the others' by at most one sample. So every rank runs the same
-  steps, the global batch is the same for every (R, W) with R·W dividing P, and a resize
-  continues the same order. The epoch ends when fewer than G samples are left.
+- **Readers are ranks.** With R ranks, rank r owns the partitions j ≡ r (mod R) and is the
+  only reader of their bytes (its loader workers only decode). Any R works: where R does not
+  divide P the ranks own ⌊P/R⌋ or ⌈P/R⌉ partitions, so their parts of a step differ by about
+  G/P samples a partition, and a rank may own none (a tiny split: it still steps, with an
+  empty part). The loss is a mean over the global step (`training.loss`), so the step's
+  gradient is the same however its samples are dealt; the global batch, not its split, fixes
+  what is trained, and a resize continues the same order. The epoch ends when fewer than G
+  samples are left.
 """
 
 from __future__ import annotations
@@ -33,11 +35,9 @@ import random
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
-from cluster.errors import UserError
-
 GOLDEN = (1 + 5**0.5) / 2
 DEFAULT_PARTITIONS = 1024
-"""Divisible by every power-of-two reader count up to 16 nodes × 8 GPUs × 8 loader workers."""
+"""Enough that ranks own nearly equal shares (within 1 in 1024 / R) on any cluster."""
 MIN_PARTITION = 64
 """Samples a partition holds at least under the default P (so reads are not one sample each)."""
 
@@ -70,32 +70,6 @@ def auto_partitions(samples: int) -> int:
     return p
 
 
-def readers(world_size: int, loader_workers: int) -> int:
-    """Readers of a world: every DataLoader worker of every rank (one per rank without)."""
-    return world_size * max(1, loader_workers)
-
-
-def check_shape(partitions: int, world_size: int, loader_workers: int) -> None:
-    """Raise a UserError unless this many ranks and loader workers can serve the partitions."""
-    q = readers(world_size, loader_workers)
-    if partitions < 1 or partitions % q:
-        raise UserError(
-            f"{world_size} workers × {max(1, loader_workers)} loader workers = {q} readers, "
-            f"which does not divide --partitions {partitions}; use a shape whose readers divide "
-            f"it, or start a new run with --partitions a multiple of {q}"
-        )
-
-
-def admissible_workers(partitions: int, low: int, high: int, loader_workers: int) -> list[int]:
-    """The worker counts in [low, high] whose readers divide `partitions`."""
-    return [n for n in range(low, high + 1) if partitions % readers(n, loader_workers) == 0]
-
-
-def partitions_for(low: int, high: int, loader_workers: int) -> int:
-    """The smallest partition count every worker count in [low, high] can serve."""
-    return math.lcm(*(readers(n, loader_workers) for n in range(low, high + 1)))
-
-
 def steps_left(total: int, global_batch: int, consumed: int = 0) -> int:
     """Global steps left in an epoch after `consumed` samples; the remainder is dropped."""
     return max(0, total - consumed) // global_batch
@@ -112,8 +86,11 @@ def step_taking(position: int, partition: int, partitions: int, consumed: int, b
     return max(0, -(-((position + 1) * partitions - partition - consumed) // batch) - 1)
 
 
-def reader_partitions(reader: int, num_readers: int, partitions: int) -> range:
-    return range(reader, partitions, num_readers)
+def rank_partitions(rank: int, ranks: int, partitions: int) -> list[int]:
+    """The partitions rank `rank` of `ranks` owns and reads, in `batch_keys` order: the order of
+    its samples in a batch (none where there are more ranks than partitions)."""
+    keys = batch_keys(partitions)
+    return sorted(range(rank, partitions, ranks), key=lambda j: keys[j])
 
 
 @dataclass(frozen=True)

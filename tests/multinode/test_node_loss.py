@@ -218,3 +218,27 @@ def test_a_lost_node_and_a_lost_driver_change_nothing(cluster, shards, tmp_path)
         EPOCHS,
     )
     nodes.wait_alive(len(nodes.nodes))
+
+
+def test_an_elastic_run_that_never_resizes_is_its_fixed_twin(cluster, shards, tmp_path):
+    """--workers 1-3 on three one-CPU worker nodes, nothing lost: three workers throughout
+    (which the default order's 4 partitions, 2 + 1 + 1, no longer refuse), and the weights of
+    the same command with --workers 3, bit for bit."""
+    nodes = cluster
+    drop_reservations(nodes)
+    one_epoch = ("--epochs", "1")
+    elastic = metatrainer(*train_argv(nodes, shards, tmp_path, "elastic", *one_epoch,
+                                      "--workers", "1-3"))  # fmt: skip
+    assert elastic.returncode == 0, elastic.stderr[-3000:]
+    assert "resuming" not in elastic.stdout + elastic.stderr  # the shape never changed
+    fixed = metatrainer(*train_argv(nodes, shards, tmp_path, "fixed", *one_epoch,
+                                    "--workers", "3"))  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    a, b = result(tmp_path, "elastic"), result(tmp_path, "fixed")
+    assert a["config"]["partitions"] == 4 and a["config"]["workers"] == 3
+    assert a["fingerprint"] == b["fingerprint"]
+    assert_exactly_once(
+        trained_history(str(tmp_path / "log" / "elastic")),
+        trained_history(str(tmp_path / "log" / "fixed")),
+        1,
+    )

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from cluster import storage
-from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import read_manifest
 from training import order
 from training.data import EvalBatches, SplitReader, TrainBatches, build_loader
 
-PARTITIONS = 12  # served by 1, 2, 3, 4, 6 and 12 readers
+PARTITIONS = 12
 
 
 def train_batches(shards: str, rank: int, world_size: int, batch_size: int = 16, **kw):
@@ -83,7 +81,8 @@ def test_every_rank_runs_the_same_number_of_full_batches(shards):
 def test_readers_follow_the_reference_order_for_every_shape(shards):
     place = layout_keys(shards)
     total = len(place)
-    shapes = [(1, 24, 0), (2, 12, 1), (2, 12, 3), (3, 8, 2), (4, 6, 0)]
+    # Ranks that divide the partitions, and ranks that do not (5: uneven; 16: 4 own none).
+    shapes = [(1, 24, 0), (2, 12, 1), (2, 12, 3), (3, 8, 2), (4, 6, 0), (5, 4, 3), (16, 2, 1)]
     for (ranks, batch, workers), partitions, block in [
         *((shape, PARTITIONS, 4) for shape in shapes),
         ((2, 12, 1), 2, 3),  # many chunks a step
@@ -148,16 +147,24 @@ def test_each_epoch_has_its_own_order(shards):
     assert first != second and len(first) == len(second)
 
 
-def test_a_shape_that_does_not_divide_the_partitions_is_refused(shards):
-    with pytest.raises(UserError, match="does not divide --partitions 12"):
-        collect(train_batches(shards, 0, 5))
+def test_ranks_with_unequal_or_no_partitions_step_together(shards):
+    """5 ranks over 12 partitions own 3, 3, 2, 2, 2; 16 ranks, 4 of them none: every rank
+    runs every step, its part of each step in proportion to what it owns."""
+    for ranks in (5, 16):
+        per_rank = [collect(train_batches(shards, r, ranks, 2)) for r in range(ranks)]
+        assert len({len(out) for out in per_rank}) == 1
+        for r, out in enumerate(per_rank):
+            owned = len(order.rank_partitions(r, ranks, PARTITIONS))
+            sizes = {len(y) for _, y, _ in out}
+            assert (sizes == {0}) == (owned == 0), (ranks, r, sizes)
+            assert all(x.shape[1:] == (3, 32, 32) for x, _, _ in out)
 
 
 def test_each_byte_is_read_once_per_epoch(shards, tmp_path, monkeypatch):
     """Counted by the storage layer in every loader process, at two shapes."""
     manifest = read_manifest(shards)
     shard_bytes = sum(s.bytes for s in manifest.shards("train"))
-    for ranks, workers in [(2, 2), (3, 4)]:
+    for ranks, workers in [(2, 2), (3, 3), (5, 4)]:
         log = tmp_path / f"reads-{ranks}x{workers}"
         log.mkdir()
         monkeypatch.setenv(storage.READ_LOG_VAR, str(log))

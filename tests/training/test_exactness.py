@@ -1,5 +1,6 @@
-"""One model whatever the cluster shape: 1 × 4b, 2 × 2b and 4 × b train the same parameters,
-with random augmentation on (crops are seeded per sample, not per batch or process)."""
+"""One model whatever the cluster shape: any number of workers and loader workers at one global
+batch trains the same parameters, with random augmentation on (crops are seeded per sample, not
+per batch or process), whether or not the workers divide the partitions."""
 
 from __future__ import annotations
 
@@ -14,37 +15,41 @@ from training.checkpoint import load_state
 from training.driver import run_training
 from training.model import build_model
 
-BATCH = 4
+# (workers, loader workers) at one global batch of 12 over 8 partitions: 3 workers own 3, 3
+# and 2 partitions (uneven parts of every step), 2 loader workers with 2 ranks, 3 with 2.
+SHAPES_ONE = [(1, 0), (2, 1), (3, 2), (2, 3), (4, 1)]
+GLOBAL = 12
 
 
-def test_shapes_that_divide_the_partitions_train_the_same_model(shards, small_config, tmp_path):
-    trained = {}
-    for workers in (1, 2, 4):
+def test_any_shape_trains_the_same_model(shards, small_config, tmp_path):
+    """Augmentation on, no feature cache: every shape trains on the same samples step by step
+    and reaches the same weights (to float rounding: sums split across ranks round otherwise)."""
+    trained, steps, prints = {}, {}, {}
+    for workers, loader_workers in SHAPES_ONE:
+        log = tmp_path / "log" / f"{workers}x{loader_workers}"
         cfg = small_config(
-            shards,
-            tmp_path / "runs",
-            name=f"shape-{workers}",
-            workers=workers,
-            batch_size=4 * BATCH // workers,
-            epochs=1,
-            augment=True,
-            loader_workers=1,
-            partitions=8,
-        )
+            shards, tmp_path / "runs", name=f"shape-{workers}x{loader_workers}",
+            workers=workers, batch_size=GLOBAL // workers, epochs=1, augment=True,
+            loader_workers=loader_workers, partitions=8, sample_log=str(log),
+        )  # fmt: skip
         outcome = run_training(cfg)
-        trained[workers] = load_state(outcome.checkpoint).model
-    reference = trained[1]
-    for workers in (2, 4):
-        state = trained[workers]
+        assert outcome.metrics["feature_cache"] is False
+        key = (workers, loader_workers)
+        trained[key] = load_state(outcome.checkpoint).model
+        prints[key] = outcome.metrics["fingerprint"][:12]
+        steps[key], _ = step_samples(log)
+    print(f"fingerprints {prints}")
+    reference = trained[SHAPES_ONE[0]]
+    assert len(steps[SHAPES_ONE[0]]) >= 30
+    for key in SHAPES_ONE[1:]:
+        assert steps[key] == steps[SHAPES_ONE[0]], key
+        state = trained[key]
         assert state.keys() == reference.keys()
         for name in reference:
             # Adam divides by √v: where a gradient is ~0, float rounding (sums split across
             # ranks) can move an element by a small fraction of lr = 1e-3; other samples or
             # crops would move thousands of elements by about lr.
-            assert torch.allclose(state[name], reference[name], rtol=1e-4, atol=1e-4), (
-                workers,
-                name,
-            )
+            assert torch.allclose(state[name], reference[name], rtol=1e-4, atol=1e-4), (key, name)
     # Not trivially equal: training moved the parameters away from where they started.
     start = build_model("none", [10], [], 1234).trainable_state_dict()
     assert all(not torch.allclose(reference[n], start[n], atol=1e-3) for n in reference)
@@ -59,8 +64,7 @@ def small_digits(ray_cluster, tmp_path_factory) -> str:
     return str(root / "shards")
 
 
-# (workers, loader workers): 0, 1 and 3 loader workers under each mix; 12 partitions, which
-# every shape's readers divide.
+# (workers, loader workers): 0, 1 and 3 loader workers under each mix; 12 partitions.
 SHAPES = {"proportional": [(1, 0), (2, 3), (4, 1)], "temperature:2": [(1, 3), (2, 1), (4, 0)]}
 
 

@@ -54,26 +54,32 @@ def test_the_key_changes_with_anything_the_features_depend_on(shards):
     }) == 5  # fmt: skip
 
 
-def test_cached_batches_are_the_loaders_batches_in_its_order(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_cached_batches_are_the_loaders_batches_in_its_order(ranks, shards, tmp_path, monkeypatch):
     """Two ranks, without Ray: each rank's cached steps hold the samples the image loader
-    gives it, in its order, with the features the backbone computes from its images."""
+    gives it, in its order, with the features the backbone computes from its images. Three
+    ranks over 2 partitions: the third owns none and steps with empty batches."""
     monkeypatch.setattr(features, "PIECE", 100)  # several pieces, split between the ranks
-    cfg = cfg_for(shards)
+    cfg = cfg_for(shards, partitions=8 if ranks == 2 else 2, batch_size=16 if ranks == 2 else 8)
     manifest = read_manifest(shards)
     model = build_model("none", [len(manifest.classes)])
     sha = model.backbone_fingerprint()
-    caches = [FeatureCache(str(tmp_path), model, sha, cfg, World(r, 2), CPU, False) for r in (0, 1)]
+    caches = [
+        FeatureCache(str(tmp_path), model, sha, cfg, World(r, ranks), CPU, False)
+        for r in range(ranks)
+    ]
     where = [c.fill(shards, manifest, "train") for c in caches]
-    assert where[0] == where[1]
+    assert len(set(where)) == 1
     pieces = sorted(Path(where[0]).glob("piece-*.pt"))
     assert len(pieces) == -(-manifest.num_samples("train") // 100)
     for rank, cache in enumerate(caches):
-        batches = TrainBatches.from_config(shards, manifest, "train", cfg, World(rank, 2),
+        batches = TrainBatches.from_config(shards, manifest, "train", cfg, World(rank, ranks),
                                            with_keys=True)  # fmt: skip
         batches.set_position(epoch=1, consumed=32)
         cached = list(CachedBatches(batches, cache.load_train(where[0], batches)))
         loaded = list(build_loader(batches, 2))
         assert len(cached) == len(loaded) == len(batches) > 0
+        assert all(len(y) == 0 for _, y, _ in cached) == (rank == 2)
         model.eval()
         for (feats, labels, keys), (images, labels2, keys2) in zip(cached, loaded, strict=True):
             assert keys == keys2 and torch.equal(labels, labels2)

@@ -1,5 +1,6 @@
 """The data order's arithmetic: partitions cover the split once, every step is a full global
-batch split equally over ranks and nearly equally over readers, whatever the shape."""
+batch, split equally over ranks that divide the partitions and in proportion to the partitions
+owned over any other number of ranks."""
 
 from __future__ import annotations
 
@@ -42,9 +43,13 @@ def test_steps_are_full_and_split_equally(total, partitions, global_batch):
                 continue
             per_rank = {sum(share[r::ranks]) for r in range(ranks)}
             assert per_rank == {global_batch // ranks}, (ranks, consumed)
-        for readers in (q for q in range(1, partitions + 1) if partitions % q == 0):
-            per_reader = [sum(share[q::readers]) for q in range(readers)]
-            assert max(per_reader) - min(per_reader) <= 1, (readers, consumed)
+        for ranks in (5, 7, partitions + 3):  # no divisibility: uneven, some ranks own none
+            per_rank = [sum(share[r::ranks]) for r in range(ranks)]
+            assert sum(per_rank) == global_batch
+            for r in range(ranks):
+                owned = len(order.rank_partitions(r, ranks, partitions))
+                per_partition = -(-global_batch // partitions)
+                assert per_rank[r] <= owned * per_partition, (ranks, r, consumed)
     # Which step takes a sample is known ahead (readers prefetch by it), from any start.
     for start in (0, 5):
         for t in range(order.steps_left(total, global_batch, start)):
@@ -77,7 +82,11 @@ def test_batch_keys_list_each_ranks_partitions_together():
         assert sum(a != b for a, b in zip(runs, runs[1:], strict=False)) == ranks - 1
 
 
-def test_the_range_of_admissible_workers():
-    assert order.admissible_workers(1024, 1, 9, 2) == [1, 2, 4, 8]
-    assert order.partitions_for(4, 8, 2) == 1680
-    assert order.admissible_workers(order.partitions_for(4, 8, 2), 4, 8, 2) == [4, 5, 6, 7, 8]
+@pytest.mark.parametrize("partitions", [1, 2, 16, 1024])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5, 8, 24])
+def test_every_partition_has_one_owning_rank_on_any_shape(partitions, ranks):
+    owned = [order.rank_partitions(r, ranks, partitions) for r in range(ranks)]
+    assert sorted(j for mine in owned for j in mine) == list(range(partitions))
+    assert max(map(len, owned)) - min(map(len, owned)) <= 1
+    keys = order.batch_keys(partitions)
+    assert all([keys[j] for j in mine] == sorted(keys[j] for j in mine) for mine in owned)

@@ -73,15 +73,16 @@ def test_prep_train_checkpoint_resume_evaluate_on_s3(
 
 
 def test_an_epoch_reads_each_s3_byte_once_at_any_shape(shards, s3, bucket, fault_proxy):
-    """No cache: 2 ranks × 2 loader workers and 3 ranks × 4 read the training shards once."""
+    """No cache: 2 ranks × 2 loader workers, 3 ranks × 3 and 5 ranks × 1 (which do not divide
+    the 16 partitions) read the training shards once."""
     data = f"{bucket}/datasets/once"
     for name in storage.list_dir(shards):
         storage.write_bytes(f"{data}/{name}", storage.read_bytes(storage.join(shards, name)))
     manifest = read_manifest(data)
     shard_bytes = sum(sh.bytes for sh in manifest.shards("train"))
     s3_backend.set_endpoint(fault_proxy.endpoint)
-    cfg = TrainConfig(batch_size=8, partitions=12, shuffle_block=8)
-    for ranks, workers in [(2, 2), (3, 4)]:
+    cfg = TrainConfig(batch_size=8, partitions=16, shuffle_block=8)
+    for ranks, workers in [(2, 2), (3, 3), (5, 1)]:
         fault_proxy.reset_counts()
         for rank in range(ranks):
             batches = TrainBatches.from_config(data, manifest, "train", cfg, World(rank, ranks))
