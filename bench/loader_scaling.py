@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +37,8 @@ from throughput import replicate  # noqa: E402
 from training.data import StepLoader  # noqa: E402
 
 BATCH = 64
+# More loader workers than cores is what this table measures: not a mistake to warn about.
+warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
 
 
 def ours(shards: str, workers: int, batches: int, size: int, **kw) -> float:

@@ -172,11 +172,12 @@ class StepDecoder(Dataset):
 
     def decode(
         self, samples: Iterable[tuple[int, Sample]], epoch: int
-    ) -> tuple[Images, torch.Tensor, list[str]]:
-        """Decoded as they come (so decoding overlaps reads still under way); the position
-        seeds the augmentation. With `device_decode`, JPEGs stay encoded and only their crops
-        are planned here. Crops are written into one contiguous uint8 batch."""
-        size, labels, keys = self.size, [], []
+    ) -> tuple[Images, torch.Tensor, list[str], torch.Tensor]:
+        """(images, labels, keys, places). Decoded as they come (so decoding overlaps reads
+        still under way); the place seeds the augmentation and orders the gathered step
+        (`step.heads_step`). With `device_decode`, JPEGs stay encoded and only their crops are
+        planned here. Crops are stacked into one contiguous uint8 batch."""
+        size, labels, keys, places = self.size, [], [], []
         encoded, crops = Encoded(size), []
         for place, sample in samples:
             rng = sample_rng(self.seed, epoch, place) if self.augment else None
@@ -187,13 +188,15 @@ class StepDecoder(Dataset):
                 crops.append(decode_cpu(sample.image, size, plan))
             labels.append(sample.label)
             keys.append(sample.key)
+            places.append(place)
         if self.device_decode:
             images: Images = encoded
         elif crops:
             images = torch.stack(crops)
         else:
             images = torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return images, torch.tensor(labels, dtype=torch.int64), keys
+        as_tensor = partial(torch.tensor, dtype=torch.int64)
+        return images, as_tensor(labels), keys, as_tensor(places)
 
 
 class TrainBatches(_Batches):
@@ -423,7 +426,7 @@ class EvalBatches(_Batches):
         split = self._reader()
         for k, run in enumerate(self.batches()):
             if world.owns_batch(k):
-                images, labels, keys = self._decode(zip(run, split.read(run), strict=True))
+                images, labels, keys, _ = self._decode(zip(run, split.read(run), strict=True))
                 yield (images, labels, keys) if self.with_keys else (images, labels)
 
 
@@ -501,7 +504,7 @@ def _as_is(batch):
 
 class StepLoader:
     """One rank's training steps over every dataset of a mix, each a list of (images,
-    labels, keys) per dataset. The rank reads (`_Steps`, a thread of this process); loader
+    labels, keys, places) per dataset. The rank reads (`_Steps`, a thread of this process); loader
     worker w decodes steps t ≡ w (mod W) entire, and persists across epochs when `persistent`;
     with W = 0 this process decodes. Set each dataset's position, then iterate `epoch()`."""
 
@@ -541,7 +544,7 @@ def build_loader(
         steps = StepLoader([batches], loader_workers, pin_memory, persistent=False).epoch()
         return (
             (images, labels, keys) if batches.with_keys else (images, labels)
-            for [(images, labels, keys)] in steps
+            for [(images, labels, keys, _)] in steps
         )
     return DataLoader(
         batches,

@@ -39,7 +39,7 @@ from training.config import TrainConfig
 from training.data import EvalBatches, TrainBatches, build_loader
 from training.decode import to_input
 from training.model import MetaModel, eval_center, state_fingerprint
-from training.step import autocast
+from training.step import autocast, batch_invariant
 from training.transfer import adapters_frozen
 
 PIECE = 4096
@@ -167,7 +167,9 @@ class FeatureCache:
             while rows < len(run):  # batches never straddle two pieces
                 images, labels, keys = next(batch_iter)
                 with torch.no_grad(), autocast(self.device):
-                    feats = self.model.features(to_input(images, self.device)).float().cpu()
+                    x = to_input(images, self.device)
+                    # As the training step computes them (`step.heads_step`): the same values.
+                    feats = batch_invariant(self.model.features, x).float().cpu()
                 parts.append((feats, labels, keys))
                 rows += len(labels)
             _write_piece(_piece_url(where, i), parts)
@@ -272,13 +274,17 @@ class CachedBatches:
                 if mine and (k, mine[0]) not in sequences:
                     sequences = {key: v for key, v in sequences.items() if key[0] >= k - 1}
                     sequences |= {(k, j): b.partition_epoch(j, k).positions for j in mine}
+            # (layout position, place in the stream: the position in later passes offset by
+            # the split's size, as `TrainBatches` numbers them).
             positions = [
-                x
+                (x, x + k * b.total)
                 for j in mine
                 for k, first, end in runs
                 for x in sequences[k, j][order.taken(j, p, first) : order.taken(j, p, end)]
             ]
-            where = torch.tensor(positions, dtype=torch.int64, device=feats.row_of.device)
+            device = feats.row_of.device
+            where = torch.tensor([x for x, _ in positions], dtype=torch.int64, device=device)
+            places = torch.tensor([y for _, y in positions], dtype=torch.int64)
             rows = feats.row_of[where]
             keys_out = [feats.keys[i] for i in rows.tolist()] if b.with_keys else []
-            yield feats.features[rows], feats.labels[rows], keys_out
+            yield feats.features[rows], feats.labels[rows], keys_out, places

@@ -47,7 +47,7 @@ from training.mix import Mix
 from training.model import MetaModel, build_model, state_fingerprint
 from training.quiet import quiet_worker_logs
 from training.resume import check_resumable, restore_state
-from training.step import LossSums, prepare_compute, train_step
+from training.step import LossSums, heads_step, prepare_compute, train_step
 from training.transfer import adapters_frozen, check_same_transfer, init_adapters
 
 # DDP all-reduces only parameters that require grad: the heads and adapters. The frozen
@@ -135,9 +135,16 @@ def _train(
             say(f"adapters from {cfg.init_from} ({how}), new heads")
 
     prepare_compute(model, device)
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
+    # Only the heads train: every rank computes the whole step's head update alike from the
+    # features all ranks gather (`step.heads_step`): no DDP, and weights that do not depend on
+    # the number of workers. Adapters train: DDP all-reduces their and the heads' gradients.
+    heads_only = model.heads_only()
+    if heads_only:
+        features = torch.compile(model.features) if cfg.compile else model.features
+    else:
+        ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=NO_BUFFER_SYNC)
+        if cfg.compile:
+            ddp_model = torch.compile(ddp_model)
     urls = _gather(metrics.url, world)
     names = dataset_labels(cfg.data)
     device_decode = cfg.decode == "gpu" or (cfg.decode == "auto" and device.type == "cuda")
@@ -217,8 +224,13 @@ def _train(
             inputs = torch.cat([b[0] if cache else to_input(b[0], device) for b in batch])
             targets = [b[1].to(device, non_blocking=True) for b in batch]
             # Each dataset's mean is over the whole step's samples of it (`training.loss`).
-            shares = [n / world.world_size for n in mix.split(pos.consumed, stride)]
-            sums.add(train_step(ddp_model, inputs, targets, optimizer, loss_fn.for_step(shares)))
+            if heads_only:
+                places = [b[3] for b in batch]
+                sums.add(heads_step(features, model.heads, inputs, targets, places, optimizer))
+            else:
+                shares = [n / world.world_size for n in mix.split(pos.consumed, stride)]
+                step_loss = loss_fn.for_step(shares)
+                sums.add(train_step(ddp_model, inputs, targets, optimizer, step_loss))
             if log:
                 for d, x in enumerate(batch):
                     keys = " ".join(x[2])

@@ -245,6 +245,11 @@ class MetaModel(nn.Module):
             )
         self.load_state_dict(state, strict=False)
 
+    def heads_only(self) -> bool:
+        """Whether only the heads train (no adapters, or frozen ones)."""
+        heads = {id(p) for p in self.heads.parameters()}
+        return all(id(p) in heads for p in self.parameters() if p.requires_grad)
+
     def backbone_fingerprint(self) -> str:
         # Named as in a plain resnet50, so the identity does not depend on the adapters.
         frozen = {

@@ -128,3 +128,25 @@ def test_the_jpeg_header_gives_pils_size_and_refuses_what_the_device_cannot_take
     assert jpeg_size(photos[5]) is None  # PNG
     assert jpeg_size(photos[0][:100]) is None  # cut off before the frame header
     assert jpeg_size(b"\xff\xd8" + b"\x00" * 50) is None
+
+
+@pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="a race between CUDA streams: METATRAINER_TEST_DEVICE=cuda"
+)
+def test_decoding_never_writes_memory_the_training_stream_still_reads(photos):
+    """pytorch/vision#9606: nvJPEG's hardware decoder writes its outputs without waiting for the
+    work queued on its stream, so on the caller's stream it can be handed blocks that queued
+    kernels still read. Queue reductions behind ~50 ms of work, free what they read, decode:
+    every reduction must still see its own values."""
+    encoded = Encoded(224)
+    for i, data in enumerate(photos[:5]):  # JPEGs: the device decoder takes them
+        encoded.add(data, planner(i))
+    n, wrong = 1 << 20, 0
+    for _ in range(50):
+        values = [torch.full((n,), float(k), device=DEVICE) for k in range(8)]
+        torch.cuda._sleep(50_000_000)  # a busy stream, as during a training step
+        sums = [v.sum() for v in values]
+        del values  # their blocks go back to the allocator before the reductions ran
+        to_device(encoded, DEVICE)
+        wrong += [s.item() for s in sums] != [float(k * n) for k in range(8)]
+    assert wrong == 0

@@ -22,8 +22,9 @@ GLOBAL = 12
 
 
 def test_any_shape_trains_the_same_model(shards, small_config, tmp_path):
-    """Augmentation on, no feature cache: every shape trains on the same samples step by step
-    and reaches the same weights (to float rounding: sums split across ranks round otherwise)."""
+    """Augmentation on, no feature cache, only the heads training: every shape trains on the
+    same samples step by step and ends with the same weights, bit for bit (each rank computes
+    the whole step's head update from the gathered features: `step.heads_step`)."""
     trained, steps, prints = {}, {}, {}
     for workers, loader_workers in SHAPES_ONE:
         log = tmp_path / "log" / f"{workers}x{loader_workers}"
@@ -36,20 +37,14 @@ def test_any_shape_trains_the_same_model(shards, small_config, tmp_path):
         assert outcome.metrics["feature_cache"] is False
         key = (workers, loader_workers)
         trained[key] = load_state(outcome.checkpoint).model
-        prints[key] = outcome.metrics["fingerprint"][:12]
+        prints[key] = outcome.metrics["fingerprint"]
         steps[key], _ = step_samples(log)
     print(f"fingerprints {prints}")
     reference = trained[SHAPES_ONE[0]]
     assert len(steps[SHAPES_ONE[0]]) >= 30
     for key in SHAPES_ONE[1:]:
         assert steps[key] == steps[SHAPES_ONE[0]], key
-        state = trained[key]
-        assert state.keys() == reference.keys()
-        for name in reference:
-            # Adam divides by √v: where a gradient is ~0, float rounding (sums split across
-            # ranks) can move an element by a small fraction of lr = 1e-3; other samples or
-            # crops would move thousands of elements by about lr.
-            assert torch.allclose(state[name], reference[name], rtol=1e-4, atol=1e-4), (key, name)
+        assert prints[key] == prints[SHAPES_ONE[0]], (key, prints)
     # Not trivially equal: training moved the parameters away from where they started.
     start = build_model("none", [10], [], 1234).trainable_state_dict()
     assert all(not torch.allclose(reference[n], start[n], atol=1e-3) for n in reference)

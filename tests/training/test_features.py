@@ -19,6 +19,7 @@ from training.decode import to_input
 from training.driver import run_training
 from training.features import CachedBatches, FeatureCache, cache_applies, cache_key
 from training.model import build_model
+from training.step import batch_invariant
 
 CPU = torch.device("cpu")
 
@@ -79,12 +80,12 @@ def test_cached_batches_are_the_loaders_batches_in_its_order(ranks, shards, tmp_
         cached = list(CachedBatches(batches, cache.load_train(where[0], batches)))
         loaded = list(build_loader(batches, 2))
         assert len(cached) == len(loaded) == len(batches) > 0
-        assert all(len(y) == 0 for _, y, _ in cached) == (rank == 2)
+        assert all(len(y) == 0 for _, y, _, _ in cached) == (rank == 2)
         model.eval()
-        for (feats, labels, keys), (images, labels2, keys2) in zip(cached, loaded, strict=True):
+        for (feats, labels, keys, _), (images, labels2, keys2) in zip(cached, loaded, strict=True):
             assert keys == keys2 and torch.equal(labels, labels2)
-            with torch.no_grad():
-                assert torch.equal(feats, model.features(to_input(images, CPU)))
+            with torch.no_grad():  # the features the training step computes from the images
+                assert torch.equal(feats, batch_invariant(model.features, to_input(images, CPU)))
 
 
 def test_an_interrupted_fill_computes_only_the_missing_pieces_and_a_new_key_starts_over(

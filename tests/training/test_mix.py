@@ -166,7 +166,7 @@ def test_a_mixed_epoch_trains_on_every_sample_and_restarts_anywhere_in_its_order
                               torch.tensor([s.label for s in layout]), [s.key for s in layout],
                               torch.arange(b.total))  # fmt: skip
         b.set_position(1, 0)
-        assert [k for _, _, k in CachedBatches(b, feats)] == keys
+        assert [k for _, _, k, _ in CachedBatches(b, feats)] == keys
 
 
 def digit_images(n: int) -> torch.Tensor:

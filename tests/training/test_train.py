@@ -232,9 +232,9 @@ def test_dataset_labels_are_distinct():
 
 
 def test_an_error_in_a_worker_is_one_line(shards, ray_cluster, tmp_path):
-    """A UserError raised in a loader process of a training worker (here: a label the
-    manifest's class list does not have) reads as the driver's one line, exit status 2, at
-    every retry; --debug adds the tracebacks."""
+    """A UserError raised in a training worker's data path (here: a label the manifest's class
+    list does not have, found by the rank's reader thread) reads as the driver's one line, exit
+    status 2, at every retry; --debug adds the tracebacks."""
     bad = tmp_path / "bad"
     bad.mkdir()
     for f in Path(shards).iterdir():

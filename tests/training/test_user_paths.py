@@ -24,9 +24,10 @@ SMALL = ["--weights", "none", "--image-size", "32", "--epochs", "1"]
 
 @pytest.fixture(scope="module")
 def small_digits(ray_cluster, tmp_path_factory) -> str:
-    """200 real digits prepared with prep's defaults: about 160 to train on."""
+    """160 real digits prepared with prep's defaults (a first try with one's own photos): about
+    128 to train on."""
     root = tmp_path_factory.mktemp("small-digits")
-    write_digits_imagefolder(root / "images", size=32, limit=200)
+    write_digits_imagefolder(root / "images", size=32, limit=160)
     assert main(["prep", str(root / "images"), str(root / "shards")]) == 0
     return str(root / "shards")
 
@@ -54,12 +55,12 @@ def train(data: str, storage: Path, name: str, address: list[str], *flags: str) 
     ids=["defaults", "workers-3", "loader-workers-3"],
 )
 def test_train_on_a_small_dataset_in_any_shape(small_digits, address, tmp_path, flags):
-    """About 160 training samples: 2 partitions of the default order, fewer than 3 workers;
-    before, refused ("… readers, which does not divide --partitions 2"). Every full global
-    batch of the split is trained (3 workers × 16: one rank owns no partition)."""
+    """About 128 training samples: 1 or 2 partitions of the default order, fewer than the
+    readers; before, refused ("… readers, which does not divide --partitions 2"). Every full
+    global batch of the split is trained (3 workers × 16: a rank, or two, own no partition)."""
     result = train(small_digits, tmp_path, "run", address, *SMALL, *flags)
     config = result["config"]
-    assert config["partitions"] == 2 and len(result["history"]) == 1
+    assert config["partitions"] in (1, 2) and len(result["history"]) == 1  # under 128 train
     train_samples = read_manifest(small_digits).num_samples("train")
     assert result["step"] == train_samples // (config["workers"] * config["batch_size"]) >= 1
 
@@ -94,9 +95,8 @@ def test_demo_prints_its_accuracy_and_where_everything_went(address, tmp_path):
 
 def test_compile_trains_the_same_weights(small_digits, address, tmp_path):
     """--compile (torch.compile on the CPU, through DDP) against the same run without it."""
-    shape = ["--loader-workers", "1"]  # a shape that serves this small split's 2 partitions
-    eager = train(small_digits, tmp_path, "eager", address, *SMALL, *shape)
-    compiled = train(small_digits, tmp_path, "compiled", address, *SMALL, *shape, "--compile")
+    eager = train(small_digits, tmp_path, "eager", address, *SMALL)
+    compiled = train(small_digits, tmp_path, "compiled", address, *SMALL, "--compile")
     assert compiled["config"]["compile"] and not eager["config"]["compile"]
     weights = [load_state(find_checkpoint(str(tmp_path / n))).model for n in ("eager", "compiled")]
     assert weights[0].keys() == weights[1].keys()
