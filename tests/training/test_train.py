@@ -231,6 +231,9 @@ def test_dataset_labels_are_distinct():
     assert len(set(dataset_labels(["/d/x", "/d/x"]))) == 2
 
 
+RAY_ACTORS = ("(TrainController pid=", "(PlacementGroupCleaner pid=")
+
+
 def test_an_error_in_a_worker_is_one_line(shards, ray_cluster, tmp_path):
     """A UserError raised in a training worker's data path (here: a label the manifest's class
     list does not have, found by the rank's reader thread) reads as the driver's one line, exit
@@ -251,11 +254,17 @@ def test_an_error_in_a_worker_is_one_line(shards, ray_cluster, tmp_path):
     quiet = subprocess.run([*command, "--name", "quiet"], capture_output=True, text=True)
     expected = f"metatrainer train: error: training failed: {bad}: a label is outside"
     assert quiet.returncode == 2
-    assert "Traceback" not in quiet.stderr and "UserError" not in quiet.stderr, quiet.stderr
-    assert [line for line in quiet.stderr.splitlines() if "error: " in line] == [
-        quiet.stderr.strip().splitlines()[-1]
+    # Ray Train's own controller actors may log a traceback of their own when Ray's services
+    # are slow to answer on a loaded machine ("safe to ignore", streamed to the driver like all
+    # logs): what is checked here is what metatrainer and its workers print.
+    ours = "\n".join(
+        line for line in quiet.stderr.splitlines() if not any(a in line for a in RAY_ACTORS)
+    )
+    assert "Traceback" not in ours and "UserError" not in ours, quiet.stderr
+    assert [line for line in ours.splitlines() if "error: " in line] == [
+        ours.strip().splitlines()[-1]
     ]
-    assert quiet.stderr.strip().splitlines()[-1].startswith(expected), quiet.stderr
+    assert ours.strip().splitlines()[-1].startswith(expected), quiet.stderr
 
     # The tracebacks of the first failure are enough here: no retry.
     debug_argv = [*command, "--name", "debug", "--debug", "--max-failures", "0"]
