@@ -515,10 +515,8 @@ class StepLoader:
         pin_memory: bool = False,
         persistent: bool = True,
     ) -> None:
-        self.datasets = datasets
-        first = datasets[0]
         self.loader = DataLoader(
-            first.decoder,
+            datasets[0].decoder,
             batch_size=None,
             sampler=_Steps(datasets, ahead=2 * max(1, loader_workers) + 2),
             num_workers=loader_workers,
