@@ -8,13 +8,18 @@ Writes and shards the sample digits, then trains 2 CPU workers (batch 16 each) t
 - **node loss**: on a cluster of a CPU-less head and three one-CPU worker nodes on this
   machine (`tests/ray_nodes.py`, Ray's default health checks), SIGKILL a whole node hosting a
   worker (its `ray start` and every process below it) at a few random steps, restarting it
-  after each recovery so there is always a spare node.
-Prints one row per fault and the mean of each kind.
+  after each recovery so there is always a spare node;
+- **elastic shrink**: the same with two worker nodes and `--workers 1-2 --global-batch 32`:
+  a lost node leaves room for one worker, so the run goes on with one; the node restarted,
+  it grows back to two at the next `--resize-check`.
+Prints one row per fault and the mean of each kind, then each run's fingerprint beside an
+uninterrupted run's (all train global batches of 32: they must be equal).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -48,15 +53,24 @@ def position(line: str) -> tuple[int, int]:
     return int(epoch), int(consumed)
 
 
-def train_argv(root: Path, name: str, args, address: str) -> list[str]:
+def train_argv(root: Path, name: str, args, address: str, elastic: bool = False) -> list[str]:
+    shape = (
+        ["--workers", f"1-{WORKERS}", "--global-batch", str(STRIDE), "--resize-check", "5"]
+        if elastic
+        else ["--workers", str(WORKERS), "--batch-size", str(BATCH)]
+    )
     return [
         "train", "--data", str(root / "shards"), "--storage", str(root / "runs"),
-        "--name", name, "--weights", "none", "--image-size", "32", "--batch-size", str(BATCH),
-        "--epochs", str(args.epochs), "--no-augment", "--workers", str(WORKERS),
+        "--name", name, "--weights", "none", "--image-size", "32", *shape,
+        "--epochs", str(args.epochs), "--no-augment",
         "--loader-workers", "1", "--max-failures", str(args.kills + 1), "--metrics-port", "0",
         "--checkpoint-every-steps", str(args.checkpoint_every_steps),
         "--sample-log", str(root / "log" / name), "--address", address,
     ]  # fmt: skip
+
+
+def fingerprint(root: Path, name: str) -> str:
+    return json.loads((root / "runs" / name / "result.json").read_text())["fingerprint"]
 
 
 def kill_at_random_steps(
@@ -121,21 +135,24 @@ def worker_kills(root: Path, args) -> list[tuple]:
     return kill_at_random_steps(run, root / "log" / "worker-kill" / "rank-0.tsv", args, kill)
 
 
-def node_kills(root: Path, args) -> list[tuple]:
+def node_kills(root: Path, args, elastic: bool = False) -> list[tuple]:
+    """Fixed size: three worker nodes (one spare); elastic: two (a loss leaves room for one)."""
+    workers = 2 if elastic else 3
+    name = "elastic-shrink" if elastic else "node-loss"
     nodes = RayNodes(Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp")), fast_health_checks=False)
     try:
-        for _ in range(3):
+        for _ in range(workers):
             nodes.add(cpus=1)
-        nodes.wait_alive(4)
+        nodes.wait_alive(workers + 1)
 
         def kill() -> Callable[[], None]:
             hosts = {a.node_id for a in nodes.actors("RayTrainWorker")}
             victim = next(n for n in nodes.nodes[1:] if nodes.node_id(n) in hosts)
             nodes.kill(victim)
-            return lambda: (nodes.restart(victim), nodes.wait_alive(4))
+            return lambda: (nodes.restart(victim), nodes.wait_alive(workers + 1))
 
-        run = LiveRun(train_argv(root, "node-loss", args, nodes.address))
-        return kill_at_random_steps(run, root / "log" / "node-loss" / "rank-0.tsv", args, kill)
+        run = LiveRun(train_argv(root, name, args, nodes.address, elastic))
+        return kill_at_random_steps(run, root / "log" / name / "rank-0.tsv", args, kill)
     finally:
         nodes.stop()
 
@@ -153,20 +170,36 @@ def main() -> None:
     write_digits_imagefolder(root / "images", size=32)
     ray.init(num_cpus=4, logging_level="WARNING", _node_ip_address="127.0.0.1")
     prep(str(root / "images"), str(root / "shards"), num_shards=4)
+    address = ray.get_runtime_context().gcs_address
+    done = LiveRun(train_argv(root, "uninterrupted", args, address))
+    assert done.finish() == 0, done.output[-3000:]
     table = {"worker kill": worker_kills(root, args)}
     ray.shutdown()  # one cluster at a time on this machine
     table["node loss"] = node_kills(root, args)
-    print(f"{'fault':<12} {'at (epoch, sample)':<20} {'fault → next step s':>20} {'redone':>7}")
+    table["elastic shrink"] = node_kills(root, args, elastic=True)
+    print(f"{'fault':<15} {'at (epoch, sample)':<20} {'fault → next step s':>20} {'redone':>7}")
     for fault, rows in table.items():
         for at, seconds, redone in rows:
-            print(f"{fault:<12} {str(at):<20} {seconds:>20.1f} {redone:>7}")
+            print(f"{fault:<15} {str(at):<20} {seconds:>20.1f} {redone:>7}")
         if rows:
             mean = sum(r[1] for r in rows) / len(rows), sum(r[2] for r in rows) / len(rows)
-            print(f"{fault:<12} {'mean':<20} {mean[0]:>20.1f} {mean[1]:>7.1f}")
+            print(f"{fault:<15} {'mean':<20} {mean[0]:>20.1f} {mean[1]:>7.1f}")
     print(
-        f"(2 workers, checkpoint every {args.checkpoint_every_steps} steps; node loss with "
-        "Ray's default health checks: a silent node is declared dead after 5 × 3 s)"
+        f"(2 workers or 1-2 elastic, a global batch of {STRIDE}, checkpoint every "
+        f"{args.checkpoint_every_steps} steps; node loss with Ray's default health checks: a "
+        "silent node is declared dead after 5 × 3 s)"
     )
+    print()
+    reference = fingerprint(root, "uninterrupted")
+    print(f"{'run':<15} {'fingerprint':<18} same as uninterrupted")
+    for name in ("uninterrupted", "worker-kill", "node-loss", "elastic-shrink"):
+        mine = fingerprint(root, name)
+        print(f"{name:<15} {mine[:16]:<18} {'yes' if mine == reference else 'NO'}")
+    done = json.loads((root / "runs" / "elastic-shrink" / "result.json").read_text())
+    spans = ", ".join(
+        f"steps {s['first_step']}–{s['last_step']} on {s['workers']}" for s in done["segments"]
+    )
+    print(f"elastic-shrink segments: {spans}")
 
 
 if __name__ == "__main__":

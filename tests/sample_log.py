@@ -50,6 +50,15 @@ def assert_exactly_once(
     epochs_trained_once(history, epochs)
 
 
+def steps_trained(history: dict[tuple, list[str]]) -> dict[tuple, list[str]]:
+    """(epoch, position, dataset) → the step's keys over all ranks, sorted: what a step
+    trained, whatever the number of ranks that shared it."""
+    steps: dict[tuple, list[str]] = {}
+    for (epoch, position, _, dataset), keys in history.items():
+        steps.setdefault((epoch, position, dataset), []).extend(keys)
+    return {k: sorted(v) for k, v in steps.items()}
+
+
 def progress(log: Path, offset: int = 0) -> tuple[int, int] | None:
     """The (epoch, position) of the newest step rank 0 logged after byte `offset`."""
     try:

@@ -39,17 +39,37 @@ class Position:
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Sums of loss, cross-entropy and penalty over this epoch's steps (rank-local)."""
     history: list[dict] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)
+    """How many workers trained which steps: {"workers", "first_step", "last_step"} (1-based,
+    inclusive), consecutive runs on the same number of workers merged. Only the steps the
+    weights descend from: steps trained after the last checkpoint and lost are not in it."""
+
+    def start_segment(self, workers: int) -> None:
+        """The worker group (re)starts here with `workers` workers."""
+        last = self.segments[-1] if self.segments else None
+        if last and last["last_step"] < last["first_step"]:
+            self.segments.pop()  # a start that trained no step before the next
+            last = self.segments[-1] if self.segments else None
+        if not last or last["workers"] != workers:
+            self.segments.append(
+                {"workers": workers, "first_step": self.step + 1, "last_step": self.step}
+            )
 
     def advance(self, samples: int) -> None:
         self.step += 1
         self.epoch_steps += 1
         self.consumed += samples
+        if self.segments:
+            self.segments[-1]["last_step"] = self.step
 
     def add_losses(self, sums: list[float]) -> None:
         self.totals = [a + v for a, v in zip(self.totals, sums, strict=True)]
 
     def next_epoch(self, record: dict) -> Position:
-        return Position(self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record])
+        return Position(
+            self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record],
+            [dict(s) for s in self.segments],
+        )  # fmt: skip
 
 
 @dataclass

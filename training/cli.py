@@ -73,8 +73,16 @@ def add_training_flags(p: argparse.ArgumentParser, defaults: TrainConfig = DEFAU
     o.add_argument(
         "--batch-size",
         type=int,
-        default=defaults.batch_size,
-        help="per worker (default: %(default)s)",
+        default=None,
+        help=f"per worker: a step is batch size × workers (default: {defaults.batch_size})",
+    )
+    o.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        metavar="G",
+        help="instead of --batch-size: G samples a step over all workers, however many; an "
+        "elastic run (--workers MIN-MAX) then trains the weights of a fixed-size one",
     )
     o.add_argument("--lr", type=float, default=defaults.lr, help="Adam (default: %(default)s)")
     o.add_argument(
@@ -302,9 +310,17 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+def config_from_args(
+    args: argparse.Namespace, defaults: TrainConfig = DEFAULTS, **overrides
+) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["min_workers"], values["workers"] = args.workers
+    if values.get("global_batch") is not None and values.get("batch_size") is not None:
+        raise UserError(
+            "give --batch-size (per worker) or --global-batch (over all workers), not both"
+        )
+    if values.get("batch_size") is None and values.get("global_batch") is None:
+        values["batch_size"] = defaults.batch_size
     return TrainConfig(**{**values, **overrides})
 
 
@@ -412,5 +428,5 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from training.demo import run_demo
 
-    run_demo(args.workdir, config_from_args(args), args.address)
+    run_demo(args.workdir, config_from_args(args, DEMO_DEFAULTS), args.address)
     return 0

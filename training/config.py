@@ -44,8 +44,13 @@ class TrainConfig:
 
     epochs: int = 20
     """Epochs the run trains in all: raise it when resuming to train on."""
-    batch_size: int = 32
-    """Per worker; the effective batch is batch_size × workers."""
+    batch_size: int | None = 32
+    """Per worker: a step is batch_size × workers samples, so it follows the worker count.
+    None when global_batch is given (exactly one of the two is)."""
+    global_batch: int | None = None
+    """Samples a step, over all workers whatever their number: each takes the share the order
+    deals it (about global_batch / workers), so an elastic run that shrinks or grows trains
+    the same steps, and ends with the same weights, as a fixed-size one."""
     lr: float = 1e-3
     """Adam's learning rate; with lr_step and lr_gamma fixed for the life of a run."""
     lr_step: int = 5
@@ -117,6 +122,14 @@ class TrainConfig:
     METATRAINER_CACHE_DIR, where it sets one)."""
     cache_size: int = 10 * 10**9
     """Bytes the shard cache may hold; least recently used shards are dropped beyond it."""
+
+    def step_samples(self, workers: int) -> int:
+        """A global step's samples on `workers` workers."""
+        return self.global_batch or (self.batch_size or 0) * workers
+
+    def rank_batch(self, workers: int) -> int:
+        """About one worker's share of a step: its evaluation batch size."""
+        return self.batch_size or -(-(self.global_batch or 1) // workers)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -123,7 +123,7 @@ class _Batches(IterableDataset):
             dataset,
             manifest.shards(split),
             world,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.rank_batch(world.world_size),
             image_size=cfg.image_size,
             seed=cfg.seed,
             num_classes=len(manifest.classes),
@@ -220,10 +220,12 @@ class TrainBatches(_Batches):
         shuffle_block: int,
         mix: Mix | None = None,
         index: int = 0,
+        global_batch: int | None = None,
         **kw,
     ) -> None:
         super().__init__(*args, **kw)
         self.partitions, self.block = partitions, shuffle_block
+        self.fixed_batch = global_batch
         self.mix, self.index = mix or Mix.single(self.total), index
         assert self.mix.sizes[index] == self.total, "the mix was made for other data"
         self.consumed = 0
@@ -241,6 +243,7 @@ class TrainBatches(_Batches):
             augment=cfg.augment,
             partitions=cfg.partitions,
             shuffle_block=cfg.shuffle_block,
+            global_batch=cfg.global_batch,
             **kw,
         )
 
@@ -249,7 +252,8 @@ class TrainBatches(_Batches):
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world.world_size
+        """A step's samples over all ranks: --global-batch, else --batch-size × ranks."""
+        return self.fixed_batch or self.batch_size * self.world.world_size
 
     def __len__(self) -> int:
         return self.mix.steps_left(self.global_batch, self.consumed)

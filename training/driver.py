@@ -56,8 +56,9 @@ def preflight(cfg: TrainConfig) -> None:
     resolve the default --partitions and --shuffle-block, which the run then keeps."""
     if not cfg.data:
         raise UserError("give at least one --data location (a `metatrainer prep` output)")
-    if cfg.batch_size < 1 or (cfg.shuffle_block or 1) < 1 or (cfg.partitions or 1) < 1:
-        raise UserError("--batch-size, --shuffle-block and --partitions must be at least 1")
+    check_batch(cfg)
+    if (cfg.shuffle_block or 1) < 1 or (cfg.partitions or 1) < 1:
+        raise UserError("--shuffle-block and --partitions must be at least 1")
     if cfg.log_every < 1:
         raise UserError("--log-every must be at least 1")
     if cfg.start_timeout <= 0:
@@ -73,16 +74,21 @@ def preflight(cfg: TrainConfig) -> None:
     cfg.partitions, cfg.shuffle_block = order.resolve(cfg.partitions, cfg.shuffle_block, splits)
     check_workers(cfg)
     cfg.mix = parse_mix(cfg.mix)
-    if cfg.batch_size < len(cfg.data):
+    step = cfg.global_batch or cfg.batch_size
+    if step < len(cfg.data):
+        flag = "--global-batch" if cfg.global_batch else "--batch-size"
         raise UserError(
-            f"--batch-size {cfg.batch_size} is shared by {len(cfg.data)} datasets: give at "
-            f"least {len(cfg.data)}"
+            f"{flag} {step} is shared by {len(cfg.data)} datasets: give at least {len(cfg.data)}"
         )
-    global_batch = cfg.workers * cfg.batch_size
-    if Mix.of(cfg.mix, list(sizes.values())).steps_left(global_batch) == 0:
+    if Mix.of(cfg.mix, list(sizes.values())).steps_left(cfg.step_samples(cfg.workers)) == 0:
+        what = (
+            f"--global-batch {cfg.global_batch}"
+            if cfg.global_batch
+            else f"{cfg.workers} workers × batch {cfg.batch_size}"
+        )
+        lower = "--global-batch" if cfg.global_batch else "--batch-size or --workers"
         raise UserError(
-            f"the train splits have {sum(sizes.values())} samples, fewer than {cfg.workers} "
-            f"workers × batch {cfg.batch_size}; lower --batch-size or --workers"
+            f"the train splits have {sum(sizes.values())} samples, fewer than {what}; lower {lower}"
         )
     check_run_unchanged(cfg)  # a resume: refuse other identity flags before Ray writes a thing
     if cfg.weights != "none":
@@ -93,11 +99,42 @@ def preflight(cfg: TrainConfig) -> None:
         load_resnet50(cfg.weights, cfg.seed, cfg.weights_sha256)
 
 
+def check_batch(cfg: TrainConfig) -> None:
+    """Exactly one of --batch-size (per worker) and --global-batch (over all workers), at least
+    1; a config that sets global_batch leaves batch_size unused (None, in what is recorded)."""
+    if cfg.global_batch is not None:
+        cfg.batch_size = None
+    size, flag = (
+        (cfg.batch_size, "--batch-size")
+        if cfg.global_batch is None
+        else (cfg.global_batch, "--global-batch")
+    )
+    if size is None or size < 1:
+        raise UserError(f"{flag} must be at least 1, not {size}")
+
+
 def check_workers(cfg: TrainConfig) -> None:
     """A worker count, or an elastic range MIN-MAX: any shape serves any --partitions."""
     low = cfg.workers if cfg.min_workers is None else cfg.min_workers
     if low < 1 or low > cfg.workers:
         raise UserError(f"--workers needs 1 <= MIN <= MAX, not {low}-{cfg.workers}")
+
+
+def elastic_batch_line(cfg: TrainConfig) -> str:
+    """What an elastic run's step is, and the most a worker trains at once (on MIN workers)."""
+    low, high = cfg.min_workers, cfg.workers
+    if not cfg.global_batch:
+        return (
+            f"elastic: a step is --batch-size {cfg.batch_size} × the workers ({low} to {high}), "
+            "so the weights depend on when workers are lost or added; --global-batch G keeps "
+            "every step, and the weights, those of a fixed-size run"
+        )
+    most = order.most_per_rank(cfg.global_batch, cfg.partitions, low)
+    return (
+        f"elastic: a step is --global-batch {cfg.global_batch} on {low} to {high} workers, the "
+        f"weights those of a fixed-size run; on {low} a worker trains up to {most} samples a "
+        "step (its memory must hold them)"
+    )
 
 
 def resolve_locations(cfg: TrainConfig) -> None:
@@ -124,6 +161,8 @@ def run_training(
     progress line goes to `progress_stream` when it is a terminal (`training.progress`)."""
     resolve_locations(cfg)
     preflight(cfg)
+    if cfg.min_workers is not None and cfg.min_workers < cfg.workers:
+        print(elastic_batch_line(cfg), file=sys.stderr)
     storage_path, storage_filesystem = storage.ray_storage(cfg.storage)
     connect(address)
     # Ray refuses to restore a run whose list of checkpoints names a directory that is gone.

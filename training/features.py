@@ -155,7 +155,8 @@ class FeatureCache:
         if self.world.is_main:
             self.say(f"feature cache: computing {split} features of {dataset} ({total} samples)")
         runs = [pieces[i] for i in todo]
-        cfg = replace(self.cfg, batch_size=max(self.cfg.batch_size, FILL_BATCH))
+        fill_batch = max(self.cfg.rank_batch(self.world.world_size), FILL_BATCH)
+        cfg = replace(self.cfg, batch_size=fill_batch, global_batch=None)
         batches = EvalBatches.from_config(
             dataset, manifest, split, cfg, self.world, runs=runs, with_keys=True,
             device_decode=self.device_decode, center=_center(cfg, split),

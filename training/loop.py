@@ -134,6 +134,7 @@ def _train(
             how = "training" if cfg.train_adapters else "frozen"
             say(f"adapters from {cfg.init_from} ({how}), new heads")
 
+    pos.start_segment(world.world_size)
     prepare_compute(model, device)
     # Only the heads train: every rank computes the whole step's head update alike from the
     # features all ranks gather (`step.heads_step`): no DDP, and weights that do not depend on
@@ -168,7 +169,7 @@ def _train(
     # The rank reads; its loader workers decode whole steps and live as long as the run.
     loaders = None if cache else StepLoader(train_sets, cfg.loader_workers, device.type == "cuda")
     log = _sample_log(cfg, world, pos)
-    stride = cfg.batch_size * world.world_size
+    stride = cfg.step_samples(world.world_size)
     sums = LossSums(device)
     clock = StepClock(metrics)
 
@@ -288,6 +289,7 @@ def _train(
                 "test_accuracy_per_dataset": dict(zip(names, test, strict=True)),
                 "fingerprint": state_fingerprint(model.trainable_state_dict()),
                 "history": pos.history,
+                "segments": pos.segments,
                 "metrics_urls": urls,
                 "feature_cache": cache is not None,
             }

@@ -93,6 +93,27 @@ def rank_partitions(rank: int, ranks: int, partitions: int) -> list[int]:
     return sorted(range(rank, partitions, ranks), key=lambda j: keys[j])
 
 
+def most_per_rank(global_batch: int, partitions: int, ranks: int) -> int:
+    """The most samples any rank gets in any step of a stream cut into steps of `global_batch`
+    over `partitions`, dealt to `ranks` ranks: about global_batch / ranks, more where ranks
+    own unequal numbers of partitions. Exact: a step's takes depend only on where it starts
+    modulo P (a P × P table, P ≤ a few thousand)."""
+    if ranks >= partitions:
+        return -(-global_batch // partitions)  # one partition a rank at most
+    owned = -(-partitions // ranks)
+    if partitions > 2048:  # a bound: ⌊G/P⌋ from each, the rest from a window of G mod P
+        window = -(-(global_batch % partitions) // ranks) + 1
+        return global_batch // partitions * owned + min(owned, window)
+    import numpy as np
+
+    j = np.arange(partitions)
+    start = np.arange(partitions)[:, None]
+    takes = (start + global_batch + j) // partitions - (start + j) // partitions
+    per_rank = np.zeros((partitions, ranks), dtype=np.int64)
+    np.add.at(per_rank, (slice(None), j % ranks), takes)
+    return int(per_rank.max())
+
+
 @dataclass(frozen=True)
 class Piece:
     """Samples [start, stop) of shard number `shard` (indices into the split's shard list)."""

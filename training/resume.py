@@ -51,13 +51,14 @@ IDENTITY_FIELDS = frozenset({
 # How long, where and how fast the run trains and what it logs: these take effect when the run
 # resumes and are recorded from then on. The global batch, batch_size × workers, changes with
 # the worker count anyway (elastic training: the position is in samples, the order the same),
-# so batch_size may change too (2 × 8 → 1 × 16 trains on the same global batches). --storage
+# so batch_size may change too (2 × 8 → 1 × 16 trains on the same global batches), and so may
+# global_batch, which holds the step's size fixed whatever the worker count. --storage
 # and --name are where the run is found (a run copied elsewhere resumes there);
 # --weights-sha256 only checks the file, the backbone is compared by its fingerprint
 # (`check_resumable`); StepLR counts epochs from the run's start, so a raised --epochs
 # continues the same schedule.
 APPLIED_FIELDS = frozenset({
-    "storage", "name", "weights_sha256", "epochs", "batch_size",
+    "storage", "name", "weights_sha256", "epochs", "batch_size", "global_batch",
     "workers", "min_workers", "resize_check", "gpus_per_worker", "cpus_per_worker",
     "loader_workers", "max_failures", "start_timeout", "checkpoint_every_steps",
     "keep_checkpoints", "decode", "compile", "feature_cache", "log_every", "sample_log",

@@ -24,8 +24,12 @@ FORMS = "a plain value, loguniform:LOW:HIGH, uniform:LOW:HIGH or choice:A,B,…"
 
 
 def parse_space(specs: dict[str, str]) -> dict[str, Any]:
-    """{field: spec} → {field: a fixed value or a Tune domain}."""
-    return {key: parse_spec(SEARCHED[key], text) for key, text in specs.items()}
+    """{field: spec} → {field: a fixed value or a Tune domain}; None stays None (a flag that
+    is not searched: --batch-size beside --global-batch)."""
+    return {
+        key: None if text is None else parse_spec(SEARCHED[key], text)
+        for key, text in specs.items()
+    }
 
 
 def parse_spec(flag: str, text: str) -> Any:

@@ -292,8 +292,10 @@ def _first_difference(before: dict, now: dict) -> str | None:
     if before.get("trials") != now["trials"]:
         return f"--trials {before.get('trials')}, now {now['trials']}"
     for key, flag in SEARCHED.items():
-        old = before.get("space", {}).get(key)
-        if old is None or spec_values(flag, old) != spec_values(flag, now["space"][key]):
+        old, new = before.get("space", {}).get(key), now["space"][key]
+        if old is None and new is None:
+            continue  # --batch-size, not searched beside --global-batch
+        if old is None or new is None or spec_values(flag, old) != spec_values(flag, new):
             return f"{flag} {old}, now {now['space'][key]}"
     old = before.get("train", {})
     for key, value in now["train"].items():
@@ -355,9 +357,10 @@ def print_table(outcome: TuneOutcome) -> None:
     for r in outcome.rows:
         v = r.values
         acc = "n/a" if r.best_val_accuracy is None else f"{r.best_val_accuracy:.4f}"
+        batch = "-" if v["batch_size"] is None else v["batch_size"]  # --global-batch
         print(
             f"{r.trial:<13} {v['lr']:>10.3g} {v['meta_lambda']:>11.3g} {v['adapters']!s:<16} "
-            f"{v['batch_size']!s:>5} {acc:>12} {r.epochs:>6}  {r.status}"
+            f"{batch!s:>5} {acc:>12} {r.epochs:>6}  {r.status}"
             + (f"  {r.error}" if r.error else "")
         )
     print()
@@ -419,6 +422,9 @@ def add_tune_command(sub: argparse._SubParsersAction) -> None:
             action.type = str
             action.default = _default_spec(action.dest)
             action.help = f"{FORMS} (default: {action.default})"
+        if action.dest == "batch_size":  # not searched when --global-batch is given
+            action.default = None
+            action.help += "; or give --global-batch, the same for every trial"
     p.set_defaults(func=_tune)
 
 
@@ -433,8 +439,10 @@ def _tune(args: argparse.Namespace) -> int:
     from training.cli import config_from_args
 
     specs = {key: getattr(args, key) for key in SEARCHED}
+    if args.global_batch is None:
+        specs["batch_size"] = specs["batch_size"] or _default_spec("batch_size")
     fixed = {key: TrainConfig().__dict__[key] for key in SEARCHED}  # set per trial
-    cfg = config_from_args(args, **fixed)
+    cfg = config_from_args(args, **fixed)  # refuses --batch-size with --global-batch
     outcome = run_tune(cfg, specs, args.trials, args.max_concurrent, args.address)
     print_table(outcome)
     return 0

@@ -1,13 +1,15 @@
 """Whole nodes die mid-run (their `ray start` process and every process below it), and the
 driver too: a fixed-size run goes on elsewhere from the last checkpoint and ends with an
-uninterrupted run's weights; an elastic one goes on with fewer workers and grows back. Every
-sample of every epoch is trained once in the history the final weights descend from."""
+uninterrupted run's weights; an elastic one with --global-batch goes on with fewer workers,
+grows back, and ends with them too. Every sample of every epoch is trained once in the
+history the final weights descend from."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -16,11 +18,16 @@ from pathlib import Path
 
 import pytest
 from ray_nodes import LiveRun, metatrainer
-from sample_log import assert_exactly_once, epochs_trained_once, trained_history, wait_for
+from sample_log import (
+    assert_exactly_once,
+    epochs_trained_once,
+    steps_trained,
+    trained_history,
+    wait_for,
+)
 
-from data_prep.contract import read_manifest
-
-EPOCHS, BATCH = 2, 8
+EPOCHS, BATCH = 2, 4
+GLOBAL_BATCH = 2 * BATCH  # the reference's: 2 workers × BATCH
 # Ray's AutoscalingCoordinator (a detached actor) reserves the cluster's resources for each
 # run that asks, until the run cancels or 3 minutes after it last asked: a killed driver's
 # run never cancels. An elastic run sizes itself from what is left, so one started within
@@ -59,6 +66,13 @@ def result(root: Path, name: str) -> dict:
     return json.loads((root / "runs" / name / "result.json").read_text())
 
 
+def newest_checkpoint(root: Path, name: str) -> int:
+    """The step of the run's newest checkpoint directory (0: none yet)."""
+    names = [p.name for p in (root / "runs" / name).iterdir()]
+    steps = [re.fullmatch(r"checkpoint_(\d+)_\d+", n) for n in names]
+    return max((int(m.group(1)) for m in steps if m), default=0)
+
+
 def wait_until(condition: Callable[[], object], what: str, timeout: float) -> None:
     """Until `condition()` is true; AssertionError saying `what` did not happen in time."""
     deadline = time.monotonic() + timeout
@@ -92,6 +106,16 @@ def all_up(nodes) -> bool:
     return all(current) and len(alive) == len(nodes.nodes)
 
 
+@pytest.fixture(scope="module")
+def reference(nodes, shards, tmp_path_factory) -> tuple[dict, dict]:
+    """The uninterrupted run every run here must end as: 2 workers × BATCH (a global batch
+    of GLOBAL_BATCH). Its result.json and its trained history."""
+    root = tmp_path_factory.mktemp("reference")
+    done = metatrainer(*train_argv(nodes, shards, root, "reference", "--workers", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return result(root, "reference"), trained_history(str(root / "log" / "reference"))
+
+
 @pytest.fixture
 def cluster(nodes):
     """`nodes` as each test here starts, whatever ran before: every node up (restarted if a
@@ -117,11 +141,11 @@ def drop_reservations(nodes) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def after_first_checkpoint(run: LiveRun, log: Path, workers: int) -> None:
+def after_first_checkpoint(run: LiveRun, log: Path) -> None:
     """Until rank 0 trained a random step after the first checkpoint (every 4 steps)."""
     step = random.Random(0).randrange(6, 20)
     alive = lambda: run.process.poll() is None  # noqa: E731
-    wait_for(log, 0, (0, step * BATCH * workers), time.monotonic() + 300, alive)
+    wait_for(log, 0, (0, step * GLOBAL_BATCH), time.monotonic() + 300, alive)
     assert alive(), "the run ended before a node could be killed:\n" + run.output[-3000:]
 
 
@@ -133,18 +157,28 @@ def worker_nodes(nodes) -> tuple[list, list]:
     return busy, [n for n in workers if n not in busy]
 
 
-def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(cluster, shards, tmp_path):
-    """2 workers; two nodes lost (room for one worker): it goes on with one; the nodes back:
-    it grows back to two; two nodes lost again, for good: it finishes on one worker.
+def test_elastic_shrinks_grows_back_and_ends_with_the_fixed_runs_weights(
+    reference, cluster, shards, tmp_path
+):
+    """--workers 1-2 --global-batch: two nodes lost (room for one worker): it goes on with
+    one; the nodes back: it grows back to two; two nodes lost again, for good: it finishes on
+    one worker, with the uninterrupted 2-worker run's weights bit for bit (that run from
+    cached features, this one from images), having trained the same samples every step;
+    result.json says how many workers trained which steps.
 
     It starts from the whole cluster with nothing reserved: a driver killed earlier (the test
     below) leaves its run's reservation behind for 3 minutes, which would start it smaller."""
     nodes = cluster
     drop_reservations(nodes)
-    argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check", "3")
-    run = LiveRun([*argv, "--loader-workers", "0"])  # the last --loader-workers wins
+    argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check",
+                      "3", "--global-batch", str(GLOBAL_BATCH))  # fmt: skip
+    argv.remove("--batch-size")
+    argv.remove(str(BATCH))
+    # The image path (the reference trains from cached features: the same weights), whose
+    # slower steps leave the nodes time to come back while it trains on one worker.
+    run = LiveRun([*argv, "--loader-workers", "0", "--feature-cache", "off"])  # the last wins
     try:
-        after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv", 1)
+        after_first_checkpoint(run, tmp_path / "log" / "elastic" / "rank-0.tsv")
 
         def lose_all_but_one_worker_node() -> list:
             # Ray Train may start it smaller and grow it as nodes report in.
@@ -163,6 +197,11 @@ def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(cluster, shard
             for node in lost:
                 nodes.restart(node)
         grown = run.wait_for_line("on 2 workers", after=shrunk)
+        # Two checkpoints on two workers, so the weights descend from steps trained on two
+        # after the growth (a loss before the grown group's first checkpoint loses its steps).
+        resumed_at = int(re.search(r"\(step (\d+)\)", run.lines[grown]).group(1))
+        two_checkpoints = lambda: newest_checkpoint(tmp_path, "elastic") >= resumed_at + 8  # noqa: E731
+        wait_until(two_checkpoints, "two checkpoints after growing to two workers", 300)
         lost = lose_all_but_one_worker_node()
         try:
             run.wait_for_line("on 1 workers", after=grown)
@@ -174,23 +213,31 @@ def test_elastic_shrinks_grows_back_and_finishes_on_fewer_workers(cluster, shard
         if run.process.poll() is None:
             run.kill()  # a failed test leaves no run going
     assert "on 2 workers" not in "\n".join(run.lines[grown + 1 :])  # it finished on one
+    assert f"--global-batch {GLOBAL_BATCH} on 1 to 2 workers" in run.output
 
+    done, (fixed, fixed_history) = result(tmp_path, "elastic"), reference
+    assert done["fingerprint"] == fixed["fingerprint"]
+    assert done["test_accuracy"] == fixed["test_accuracy"]
     history = trained_history(str(tmp_path / "log" / "elastic"))
-    train = read_manifest(shards).num_samples("train")
-    for epoch in epochs_trained_once(history, EPOCHS):
-        # The remainder an epoch drops is less than one global batch (of up to 2 workers).
-        assert train - 2 * BATCH < len(epoch) <= train
+    assert steps_trained(history) == steps_trained(fixed_history)
+    epochs_trained_once(history, EPOCHS)
+    # Every step once, in segments of 1 and 2 workers, the last on 1.
+    print(f"fingerprints: elastic {done['fingerprint'][:16]}, fixed {fixed['fingerprint'][:16]}; "
+          f"segments {done['segments']}")  # fmt: skip
+    segments = done["segments"]
+    assert [s["first_step"] for s in segments] == [1] + [s["last_step"] + 1 for s in segments[:-1]]
+    assert segments[-1]["last_step"] == done["step"] == fixed["step"]
+    assert [s["workers"] for s in segments][-3:] == [1, 2, 1], segments  # shrunk, grown, shrunk
+    assert fixed["segments"] == [{"workers": 2, "first_step": 1, "last_step": fixed["step"]}]
     nodes.wait_alive(len(nodes.nodes))
 
 
-def test_a_lost_node_and_a_lost_driver_change_nothing(cluster, shards, tmp_path):
+def test_a_lost_node_and_a_lost_driver_change_nothing(reference, cluster, shards, tmp_path):
     nodes = cluster
-    done = metatrainer(*train_argv(nodes, shards, tmp_path, "reference", "--workers", "2"))
-    assert done.returncode == 0, done.stderr[-3000:]
     argv = train_argv(nodes, shards, tmp_path, "chaos", "--workers", "2")
     run = LiveRun(argv)
     try:
-        after_first_checkpoint(run, tmp_path / "log" / "chaos" / "rank-0.tsv", 2)
+        after_first_checkpoint(run, tmp_path / "log" / "chaos" / "rank-0.tsv")
         busy, _ = worker_nodes(nodes)
         nodes.kill(busy[0])
         try:
@@ -209,14 +256,10 @@ def test_a_lost_node_and_a_lost_driver_change_nothing(cluster, shards, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming chaos at epoch" in rerun.stdout + rerun.stderr
 
-    reference, chaos = result(tmp_path, "reference"), result(tmp_path, "chaos")
-    assert chaos["fingerprint"] == reference["fingerprint"]
-    assert chaos["test_accuracy"] == reference["test_accuracy"]
-    assert_exactly_once(
-        trained_history(str(tmp_path / "log" / "chaos")),
-        trained_history(str(tmp_path / "log" / "reference")),
-        EPOCHS,
-    )
+    (fixed, fixed_history), chaos = reference, result(tmp_path, "chaos")
+    assert chaos["fingerprint"] == fixed["fingerprint"]
+    assert chaos["test_accuracy"] == fixed["test_accuracy"]
+    assert_exactly_once(trained_history(str(tmp_path / "log" / "chaos")), fixed_history, EPOCHS)
     nodes.wait_alive(len(nodes.nodes))
 
 

@@ -90,3 +90,26 @@ def test_every_partition_has_one_owning_rank_on_any_shape(partitions, ranks):
     assert max(map(len, owned)) - min(map(len, owned)) <= 1
     keys = order.batch_keys(partitions)
     assert all([keys[j] for j in mine] == sorted(keys[j] for j in mine) for mine in owned)
+
+
+@pytest.mark.parametrize(
+    ("total", "partitions", "global_batch", "ranks"),
+    [(1000, 8, 12, 3), (997, 16, 64, 3), (500, 7, 100, 3), (300, 4, 16, 1), (300, 4, 16, 3),
+     (640, 64, 16, 5), (200, 2, 16, 3)],
+)  # fmt: skip
+def test_most_per_rank_bounds_every_rank_in_every_step(total, partitions, global_batch, ranks):
+    """No rank ever gets more of a step than `most_per_rank` says (the most an elastic run's
+    workers must hold on MIN of them), and some rank of some start gets that many."""
+    steps = order.global_order(total, partitions, 8, 0, 0, global_batch)
+    starts = order._starts(partitions, total)
+    owner = {}
+    for j in range(partitions):
+        owner.update(
+            {p: j % ranks for p in range(starts[j], starts[j] + (total + j) // partitions)}
+        )
+    seen = max(max(sum(owner[p] == r for p in step) for r in range(ranks)) for step in steps)
+    most = order.most_per_rank(global_batch, partitions, ranks)
+    assert seen <= most <= global_batch
+    assert most >= -(-global_batch // ranks)
+    if ranks == 1:
+        assert most == global_batch

@@ -391,15 +391,15 @@ def test_a_rerun_with_another_schedule_is_refused_before_ray(shards, reference, 
 
 
 def test_a_resume_applies_and_records_the_other_flags(shards, config, reference, tmp_path):
-    """--epochs raised, 1 worker × batch 16 for 2 × 8 (the same global batch), other loader
-    workers, log and checkpoint cadence and retention: the third epoch trains with them, and
-    its checkpoint and result.json record them; the optimizer's and scheduler's state is
-    what the recorded config says."""
+    """--epochs raised, 1 worker with --global-batch 16 for 2 × 8 (the same global batch),
+    other loader workers, log and checkpoint cadence and retention: the third epoch trains
+    with them, and its checkpoint and result.json record them, and which workers trained
+    which steps; the optimizer's and scheduler's state is what the recorded config says."""
     result, reference_dir = reference
     run_dir = tmp_path / "runs" / "run"
     shutil.copytree(reference_dir, run_dir)
-    changed = dict(epochs=3, workers=1, batch_size=16, loader_workers=0, log_every=3,
-                   checkpoint_every_steps=0, keep_checkpoints=2)  # fmt: skip
+    changed = dict(epochs=3, workers=1, batch_size=None, global_batch=16, loader_workers=0,
+                   log_every=3, checkpoint_every_steps=0, keep_checkpoints=2)  # fmt: skip
 
     rerun = run_training(config(shards, tmp_path, "run", **changed))
 
@@ -409,11 +409,35 @@ def test_a_resume_applies_and_records_the_other_flags(shards, config, reference,
         assert {k: recorded[k] for k in changed} == changed
     assert final["history"][:2] == result["history"]
     assert [h["epoch"] for h in final["history"]] == [1, 2, 3]
-    # Global batches of 16 again (1 × 16): the third epoch took as many steps as each before.
+    # Global batches of 16 again: the third epoch took as many steps as each before.
     assert final["step"] == result["step"] * 3 // 2
+    assert final["segments"] == [
+        {"workers": 2, "first_step": 1, "last_step": result["step"]},
+        {"workers": 1, "first_step": result["step"] + 1, "last_step": final["step"]},
+    ]
     assert len(checkpoint_names(run_dir)) == 2  # of the 3 kept before, and the new one
     cfg, group, scheduler = state.config, state.optimizer["param_groups"][0], state.scheduler
     assert (group["initial_lr"], scheduler["base_lrs"]) == (cfg["lr"], [cfg["lr"]])
     assert (scheduler["step_size"], scheduler["gamma"]) == (cfg["lr_step"], cfg["lr_gamma"])
     assert scheduler["last_epoch"] == 3
     assert group["lr"] == pytest.approx(cfg["lr"] * cfg["lr_gamma"] ** (3 // cfg["lr_step"]))
+
+
+def test_segments_say_how_many_workers_trained_which_steps():
+    """Starts of the worker group as an elastic run sees them: 2 workers for 3 steps; a
+    restart on 2 (the same segment goes on); 1 worker that fails before its first step, then
+    1 for 2 steps; 2 again: consecutive starts on as many workers merge, empty ones vanish."""
+    pos = Position()
+    for workers, steps in [(2, 3), (2, 1), (1, 0), (1, 2), (2, 1)]:
+        pos.start_segment(workers)
+        for _ in range(steps):
+            pos.advance(16)
+    pos = pos.next_epoch({})  # carried into the next epoch
+    assert pos.segments == [
+        {"workers": 2, "first_step": 1, "last_step": 4},
+        {"workers": 1, "first_step": 5, "last_step": 6},
+        {"workers": 2, "first_step": 7, "last_step": 7},
+    ]
+    pos.start_segment(3)
+    pos.start_segment(2)  # 3 trained nothing: 2 goes on where it was
+    assert pos.segments[-1] == {"workers": 2, "first_step": 7, "last_step": 7}

@@ -166,6 +166,10 @@ def test_train_errors_are_one_line(tmp_path, capsys, shards):
 
     base = ["train", "--data", shards, "--storage", str(tmp_path), "--name", "x"]
     for flags, hint in [
+        (["--batch-size", "8", "--global-batch", "16"], "--global-batch (over all workers), not"),
+        (["--global-batch", "0"], "--global-batch must be at least 1"),
+        (["--global-batch", "100000"], "fewer than --global-batch 100000; lower --global-batch"),
+        (["--global-batch", "1", "--data", shards], "--global-batch 1 is shared by 2 datasets"),
         (["--decode", "gpu"], "--gpus-per-worker"),
         (["--feature-cache", "on", "--adapters", "layer4"], "--no-augment"),
     ]:

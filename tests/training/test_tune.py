@@ -131,6 +131,21 @@ def test_every_batch_size_choice_is_checked_before_ray(shards, tmp_path, capsys)
     assert not (tmp_path / "sweep" / "tune").exists()
 
 
+def test_a_global_batch_is_fixed_for_every_trial_and_checked_before_ray(shards, tmp_path, capsys):
+    """--global-batch replaces the searched --batch-size: both given is one line, and so is a
+    global batch larger than the train split, before Ray starts."""
+    args = tune_args(shards, tmp_path, "--global-batch", "16")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "or --global-batch" in err and "not both" in err, err
+    i = args.index("--batch-size")
+    del args[i : i + 2]
+    assert main([*args, "--global-batch", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fewer than --global-batch 100000" in err, err
+    assert not (tmp_path / "sweep" / "tune").exists()
+
+
 @pytest.mark.parametrize(
     "flag, spec, hint",
     [
