@@ -69,8 +69,8 @@ def train_argv(root: Path, name: str, args, address: str, elastic: bool = False)
     ]  # fmt: skip
 
 
-def fingerprint(root: Path, name: str) -> str:
-    return json.loads((root / "runs" / name / "result.json").read_text())["fingerprint"]
+def result(root: Path, name: str) -> dict:
+    return json.loads((root / "runs" / name / "result.json").read_text())
 
 
 def kill_at_random_steps(
@@ -190,14 +190,14 @@ def main() -> None:
         "silent node is declared dead after 5 × 3 s)"
     )
     print()
-    reference = fingerprint(root, "uninterrupted")
+    reference = result(root, "uninterrupted")["fingerprint"]
     print(f"{'run':<15} {'fingerprint':<18} same as uninterrupted")
     for name in ("uninterrupted", "worker-kill", "node-loss", "elastic-shrink"):
-        mine = fingerprint(root, name)
+        mine = result(root, name)["fingerprint"]
         print(f"{name:<15} {mine[:16]:<18} {'yes' if mine == reference else 'NO'}")
-    done = json.loads((root / "runs" / "elastic-shrink" / "result.json").read_text())
     spans = ", ".join(
-        f"steps {s['first_step']}–{s['last_step']} on {s['workers']}" for s in done["segments"]
+        f"steps {s['first_step']}–{s['last_step']} on {s['workers']}"
+        for s in result(root, "elastic-shrink")["segments"]
     )
     print(f"elastic-shrink segments: {spans}")
 

@@ -68,7 +68,7 @@ class Position:
     def next_epoch(self, record: dict) -> Position:
         return Position(
             self.epoch + 1, 0, self.step, 0, [0.0, 0.0, 0.0], [*self.history, record],
-            [dict(s) for s in self.segments],
+            self.segments,
         )  # fmt: skip
 
 

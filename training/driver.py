@@ -74,19 +74,15 @@ def preflight(cfg: TrainConfig) -> None:
     cfg.partitions, cfg.shuffle_block = order.resolve(cfg.partitions, cfg.shuffle_block, splits)
     check_workers(cfg)
     cfg.mix = parse_mix(cfg.mix)
-    step = cfg.global_batch or cfg.batch_size
+    flag, step = batch_flag(cfg)
     if step < len(cfg.data):
-        flag = "--global-batch" if cfg.global_batch else "--batch-size"
         raise UserError(
             f"{flag} {step} is shared by {len(cfg.data)} datasets: give at least {len(cfg.data)}"
         )
     if Mix.of(cfg.mix, list(sizes.values())).steps_left(cfg.step_samples(cfg.workers)) == 0:
-        what = (
-            f"--global-batch {cfg.global_batch}"
-            if cfg.global_batch
-            else f"{cfg.workers} workers × batch {cfg.batch_size}"
-        )
-        lower = "--global-batch" if cfg.global_batch else "--batch-size or --workers"
+        per_worker = flag == "--batch-size"
+        what = f"{cfg.workers} workers × batch {step}" if per_worker else f"{flag} {step}"
+        lower = "--batch-size or --workers" if per_worker else flag
         raise UserError(
             f"the train splits have {sum(sizes.values())} samples, fewer than {what}; lower {lower}"
         )
@@ -104,13 +100,16 @@ def check_batch(cfg: TrainConfig) -> None:
     1; a config that sets global_batch leaves batch_size unused (None, in what is recorded)."""
     if cfg.global_batch is not None:
         cfg.batch_size = None
-    size, flag = (
-        (cfg.batch_size, "--batch-size")
-        if cfg.global_batch is None
-        else (cfg.global_batch, "--global-batch")
-    )
+    flag, size = batch_flag(cfg)
     if size is None or size < 1:
         raise UserError(f"{flag} must be at least 1, not {size}")
+
+
+def batch_flag(cfg: TrainConfig) -> tuple[str, int | None]:
+    """The flag that sets the run's batch, and its value."""
+    if cfg.global_batch is not None:
+        return "--global-batch", cfg.global_batch
+    return "--batch-size", cfg.batch_size
 
 
 def check_workers(cfg: TrainConfig) -> None:

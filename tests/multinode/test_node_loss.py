@@ -26,6 +26,8 @@ from sample_log import (
     wait_for,
 )
 
+from training.resume import CHECKPOINT_NAME
+
 EPOCHS, BATCH = 2, 4
 GLOBAL_BATCH = 2 * BATCH  # the reference's: 2 workers × BATCH
 # Ray's AutoscalingCoordinator (a detached actor) reserves the cluster's resources for each
@@ -51,10 +53,12 @@ print("dropped", ray.get(coordinator.__ray_call__.remote(drop_all), timeout=60))
 """
 
 
-def train_argv(nodes, shards: str, root: Path, name: str, *extra: str) -> list[str]:
+def train_argv(
+    nodes, shards: str, root: Path, name: str, *extra: str, batch=("--batch-size", str(BATCH))
+) -> list[str]:
     return [
         "train", "--data", shards, "--storage", str(root / "runs"), "--name", name,
-        "--weights", "none", "--image-size", "32", "--batch-size", str(BATCH),
+        "--weights", "none", "--image-size", "32", *batch,
         "--epochs", str(EPOCHS), "--no-augment", "--loader-workers", "1",
         "--max-failures", "4", "--metrics-port", "0", "--checkpoint-every-steps", "4",
         "--shuffle-block", "128", "--sample-log", str(root / "log" / name),
@@ -69,8 +73,7 @@ def result(root: Path, name: str) -> dict:
 def newest_checkpoint(root: Path, name: str) -> int:
     """The step of the run's newest checkpoint directory (0: none yet)."""
     names = [p.name for p in (root / "runs" / name).iterdir()]
-    steps = [re.fullmatch(r"checkpoint_(\d+)_\d+", n) for n in names]
-    return max((int(m.group(1)) for m in steps if m), default=0)
+    return max((int(n.split("_")[1]) for n in names if CHECKPOINT_NAME.fullmatch(n)), default=0)
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float) -> None:
@@ -171,9 +174,7 @@ def test_elastic_shrinks_grows_back_and_ends_with_the_fixed_runs_weights(
     nodes = cluster
     drop_reservations(nodes)
     argv = train_argv(nodes, shards, tmp_path, "elastic", "--workers", "1-2", "--resize-check",
-                      "3", "--global-batch", str(GLOBAL_BATCH))  # fmt: skip
-    argv.remove("--batch-size")
-    argv.remove(str(BATCH))
+                      "3", batch=("--global-batch", str(GLOBAL_BATCH)))  # fmt: skip
     # The image path (the reference trains from cached features: the same weights), whose
     # slower steps leave the nodes time to come back while it trains on one worker.
     run = LiveRun([*argv, "--loader-workers", "0", "--feature-cache", "off"])  # the last wins
