@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import Position, TrainState, load_state, rng_state, save_state
-from training.loss import MetaLoss
-from training.model import build_model
+from training.model.checkpoint import Position, TrainState, load_state, rng_state, save_state
+from training.model.loss import MetaLoss
+from training.model.network import build_model
 
 CASES = [
     ("default: 1 head, 10 classes, no adapters", [10], []),

@@ -6,7 +6,7 @@
 
 A shape is nodes × GPUs per node × loader workers: R = nodes × GPUs ranks (contiguous on a
 node), each the one reader of its partitions (Q = R; loader workers only decode). Every number
-comes from `training.order` and the manifest's per-sample byte index, for epoch 0 with the
+comes from `training.data.order` and the manifest's per-sample byte index, for epoch 0 with the
 config's seed; nothing is read but the manifest. Reads count the chunks an epoch's steps
 actually reach (the dropped tail's unread chunks excluded); the cache column counts whole
 partitions (a `--cache-dir` entry is a partition's part of a shard). `--synthetic-imagenet`
@@ -44,8 +44,8 @@ from data_prep.contract import (
     read_manifest,
     shard_name,
 )
-from training import order
 from training.config import TrainConfig
+from training.data import order
 
 DEFAULT_SHAPES = "1x1x8,1x8x8,2x8x8,8x8x8,16x8x8,64x8x8"
 IMAGENET_SAMPLES, IMAGENET_SHARDS, IMAGENET_JPEG_BYTES = 1_281_167, 1_024, 110_000
@@ -240,7 +240,7 @@ def print_computed(split: Split, shapes: list[Shape], args: argparse.Namespace) 
         f"{split.total:,} samples in {split.num_shards:,} shards, "
         f"{split.shard_bytes / scale:,.2f} {unit}; --partitions {args.partitions}, "
         f"--shuffle-block {args.shuffle_block}, batch {args.batch_size} per GPU, "
-        f"epoch 0, seed {cfg.seed}\n"
+        f"epoch 0, seed {cfg.optim.seed}\n"
     )
     head = (
         f"{'shape':<8} {'R':>4} {'Q':>5} {'P':>6} │ {f'read {unit}/node':>15} "
@@ -256,7 +256,7 @@ def print_computed(split: Split, shapes: list[Shape], args: argparse.Namespace) 
     for shape in shapes:
         p = args.partitions
         if p not in partitionings:
-            partitionings[p] = Partitioning(split, p, args.shuffle_block, cfg.seed, epoch=0)
+            partitionings[p] = Partitioning(split, p, args.shuffle_block, cfg.optim.seed, epoch=0)
         row = compute(split, partitionings[p], shape, args.batch_size)
         if not row.steps:
             footnotes.append(f"- {shape}: a global batch is more than the split; no step")
@@ -282,7 +282,9 @@ def _mean_max(values: np.ndarray, digits: int) -> str:
 
 def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Namespace) -> None:
     """The real loader at small shapes: bytes read (from the storage read log) and images/s."""
-    from training.data import TrainBatches, build_loader  # torch: only the measurement needs it
+    # torch: only the measurement needs it
+    from training.data.batches import TrainBatches
+    from training.data.loader import build_loader
 
     cfg = TrainConfig(
         batch_size=args.batch_size,
@@ -293,7 +295,7 @@ def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Names
     names = {storage.join(dataset, s.name) for s in manifest.shards(args.split)}
     print(
         f"\nmeasured: the real loader on this machine ({os.cpu_count()} cores), ranks one after "
-        f"another, {args.image_size} px, augment {cfg.augment}, epoch 0; load average "
+        f"another, {args.image_size} px, augment {cfg.data.augment}, epoch 0; load average "
         f"{os.getloadavg()[0]:.1f} at the start (images/s is only as quiet as the machine)\n"
     )
     head = (
@@ -303,7 +305,7 @@ def measure(dataset: str, manifest: Manifest, split: Split, args: argparse.Names
     print(head)
     print("─" * len(head))
     for shape in args.measure_shapes:
-        parting = Partitioning(split, args.partitions, args.shuffle_block, cfg.seed, epoch=0)
+        parting = Partitioning(split, args.partitions, args.shuffle_block, cfg.optim.seed, epoch=0)
         computed = compute(split, parting, shape, args.batch_size).amplification
         with tempfile.TemporaryDirectory() as log:
             os.environ[storage.READ_LOG_VAR] = log
@@ -362,7 +364,7 @@ def main() -> None:
     parser.add_argument(
         "--measure-shapes", type=_shapes, default="1x2x1,1x2x2", help="the shapes --measure runs"
     )
-    parser.add_argument("--image-size", type=int, default=cfg.image_size, help="for --measure")
+    parser.add_argument("--image-size", type=int, default=cfg.data.image_size, help="for --measure")
     args = parser.parse_args()
     if (args.partitions or 1) < 1 or (args.shuffle_block or 1) < 1 or args.batch_size < 1:
         parser.error("--partitions, --shuffle-block and --batch-size must be ≥ 1")

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photos import write_photo_folder  # noqa: E402
 
-from training.decode import decode_cpu, plan_crop, sample_rng  # noqa: E402
+from training.data.decode import decode_cpu, plan_crop, sample_rng  # noqa: E402
 
 SIZE = 224
 _DATA: list[bytes] = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -30,7 +29,7 @@ from data_prep.contract import read_manifest
 from data_prep.prep import prep
 from data_prep.sample_data import load_digits
 from training.config import TrainConfig
-from training.driver import run_training
+from training.run.driver import run_training
 
 GROUPS = {"meta-0to2": (0, 1, 2), "meta-3to5": (3, 4, 5), "new-6to9": (6, 7, 8, 9)}
 
@@ -85,7 +84,7 @@ def main() -> None:
 
     def train(name: str, **overrides) -> tuple[float | None, float]:
         started = time.perf_counter()
-        outcome = run_training(replace(base, name=name, **overrides))
+        outcome = run_training(base.replace(name=name, **overrides))
         return outcome.metrics.get("test_accuracy"), time.perf_counter() - started
 
     meta_acc, meta_s = train(

@@ -21,9 +21,10 @@ from cluster import s3, storage  # noqa: E402
 from cluster.errors import UserError  # noqa: E402
 from cluster.world import World  # noqa: E402
 from data_prep.contract import read_manifest  # noqa: E402
-from training import order  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
-from training.data import TrainBatches, build_loader  # noqa: E402
+from training.data import order
+from training.data.batches import TrainBatches
+from training.data.loader import build_loader
 
 
 def train_batches(
@@ -36,7 +37,7 @@ def train_batches(
     shards = manifest.shards("train")
     total = sum(s.num_samples for s in shards)
     partitions, block = order.resolve(partitions, None, [(total, sum(s.bytes for s in shards))])
-    cfg = TrainConfig(batch_size=batch_size, image_size=image_size, augment=augment,
+    cfg = TrainConfig.of(batch_size=batch_size, image_size=image_size, augment=augment,
                       partitions=partitions, shuffle_block=block)  # fmt: skip
     return TrainBatches.from_config(dataset, manifest, "train", cfg, World(), **kw), cfg
 
@@ -46,7 +47,7 @@ def measure(args: argparse.Namespace) -> tuple[int, float]:
     batches, cfg = train_batches(args.data, args.batch_size, args.image_size, args.augment)
     if len(batches) < 2:
         raise UserError(
-            f"{args.data}: the train split has fewer than 2 batches of {cfg.batch_size}"
+            f"{args.data}: the train split has fewer than 2 batches of {cfg.optim.batch_size}"
         )
     loader = iter(build_loader(batches, args.loader_workers))
     next(loader)

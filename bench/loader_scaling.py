@@ -34,7 +34,7 @@ from loader_bench import train_batches  # noqa: E402
 from photos import write_photo_folder, write_shards  # noqa: E402
 from throughput import replicate  # noqa: E402
 
-from training.data import StepLoader  # noqa: E402
+from training.data.loader import StepLoader  # noqa: E402
 
 BATCH = 64
 # More loader workers than cores is what this table measures: not a mistake to warn about.

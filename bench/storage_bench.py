@@ -5,7 +5,7 @@
 
 The same ImageFolder (scikit-learn's digits, JPEG) is prepared into a local directory and into
 a bucket on moto's S3 server (in this process, over HTTP on 127.0.0.1; from
-tests/s3_support.py), then read back by the training loader from each. Prints a table of
+tests/s3_moto.py), then read back by the training loader from each. Prints a table of
 images/s and MB/s (MB of shard bytes); the best of --repeat runs, on this machine. moto keeps
 objects in memory and is no real S3: the numbers show our overhead per request and byte, not
 a network's.
@@ -34,7 +34,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from s3_support import S3Server  # noqa: E402
+from s3_moto import S3Server  # noqa: E402
 
 from cluster import s3, storage  # noqa: E402
 from cluster.world import World  # noqa: E402
@@ -42,8 +42,10 @@ from data_prep.contract import read_manifest  # noqa: E402
 from data_prep.prep import prep  # noqa: E402
 from data_prep.progress import Progress  # noqa: E402
 from data_prep.sample_data import write_digits_imagefolder  # noqa: E402
-from training import order  # noqa: E402
-from training.data import SplitReader, TrainBatches, build_loader  # noqa: E402
+from training.data import order  # noqa: E402
+from training.data.batches import TrainBatches  # noqa: E402
+from training.data.loader import build_loader  # noqa: E402
+from training.data.reader import SplitReader  # noqa: E402
 
 SPLIT = "train"
 

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import seed_step_rate, torchvision_loader_rate  # noqa: E402
 from photos import write_photo_folder, write_shards  # noqa: E402
 
-from training.data import StepLoader  # noqa: E402
-from training.decode import to_input  # noqa: E402
-from training.loss import MetaLoss  # noqa: E402
-from training.model import build_model  # noqa: E402
-from training.step import prepare_compute, train_step  # noqa: E402
+from training.data.decode import to_input  # noqa: E402
+from training.data.loader import StepLoader  # noqa: E402
+from training.model.loss import MetaLoss  # noqa: E402
+from training.model.network import build_model  # noqa: E402
+from training.model.step import prepare_compute, train_step  # noqa: E402
 
 MODES = {
     # compute image size, compute batch, timed steps, photos made, copies of each, loader workers

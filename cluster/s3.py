@@ -1,5 +1,6 @@
-"""The S3 side of `cluster.storage`: one boto3 client per process, errors a user can act on,
-retries botocore does not do, ranged reads, multipart uploads (streamed reads: `s3_stream`).
+"""The S3 side of `cluster.storage`: one boto3 client per process and where it points, S3 URLs,
+and what the server lacks. Errors and retries: `s3_errors`; object operations: `s3_objects`;
+streamed reads: `s3_stream`; server differences and Ray Train's filesystem: `s3_compat`.
 
 Endpoint: botocore's own `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` (the CLI's --s3-endpoint
 sets the first). Credentials: only the standard AWS chain (environment, shared config and
@@ -8,68 +9,29 @@ profile, web identity as on Kubernetes IRSA); they never appear in a message.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import random
 import sys
 import threading
-import time
-from collections.abc import Callable
-from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 import boto3
 import botocore.exceptions as bx
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.retries import standard
 
 from cluster.errors import UserError
 
-T = TypeVar("T")
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CHECKSUM_VARS = ("AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION")
 """Checksums only where an operation requires them (unless these say otherwise): a server that
 does not implement flexible checksums would store an aws-chunked upload's encoding as its body."""
-# Parts in flight are buffered: 4 × 16 MiB bounds an upload's memory, whatever the file size.
-TRANSFER = TransferConfig(
-    multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20, max_concurrency=4
-)
 ATTEMPTS = 8
 """botocore's attempts per request (connection errors, timeouts, 5xx, throttling): the one
 retry layer for requests. An endpoint that accepts connections but never answers is reported
 after ATTEMPTS × --s3-timeout plus backoff (8 minutes at the default 60 s); one that refuses
 connections within seconds."""
 DEFAULT_TIMEOUT = 60.0
-BODY_ATTEMPTS = 8
-"""Our own layer, only for what botocore does not retry: a body cut off while being read."""
-BODY_ERRORS = (
-    bx.IncompleteReadError,
-    bx.ResponseStreamingError,
-    bx.ReadTimeoutError,
-    bx.ConnectionClosedError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-class CutBody(Exception):
-    """A response body that ended early or broke while being read (retried by `retry`)."""
-
-
-def read_body(response: dict, expected: int | None = None) -> bytes:
-    """The body of a GET, all of it (`expected` bytes, default its ContentLength)."""
-    try:
-        data = response["Body"].read()
-    except BODY_ERRORS as e:
-        raise CutBody(f"{type(e).__name__}") from e
-    if len(data) != (response["ContentLength"] if expected is None else expected):
-        raise CutBody(f"{len(data)} of {expected or response['ContentLength']} bytes")
-    return data
-
-
-CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 
 _clients: dict[int, object] = {}
 _client_lock = threading.Lock()
@@ -171,229 +133,6 @@ def split(url: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise UserError(f"{url}: not an S3 URL; write s3://BUCKET/PREFIX")
     return parsed.netloc, parsed.path.lstrip("/")
-
-
-def user_error(e: Exception, url: str) -> UserError:
-    """The one-line message for an S3 failure: which kind, and what to check."""
-    where = endpoint() or "the default AWS endpoint"
-    if isinstance(e, UserError):
-        return e
-    if isinstance(e, bx.NoCredentialsError | bx.PartialCredentialsError):
-        return UserError(
-            f"no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE, or a web-identity role"
-        )
-    if isinstance(e, bx.EndpointConnectionError | bx.ConnectTimeoutError):
-        return UserError(
-            f"cannot reach the S3 endpoint {where} for {url}: check AWS_ENDPOINT_URL_S3 (or "
-            "--s3-endpoint) and that the server is up"
-        )
-    if isinstance(e, bx.ClientError):
-        code = str(e.response.get("Error", {}).get("Code", "")) or "unknown"
-        bucket = split(url)[0]
-        if code in CREDENTIAL_CODES:
-            return UserError(
-                f"S3 at {where} rejected the credentials ({code}) for {url}: check "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-            )
-        if code == "NoSuchBucket":
-            return UserError(f"bucket {bucket} does not exist at {where}: create it or fix the URL")
-        if code in ("AccessDenied", "403", "AllAccessDisabled"):
-            return UserError(
-                f"access denied to {url} at {where}: check the credentials (AWS_ACCESS_KEY_ID, "
-                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and their permissions"
-            )
-        if code in ("NoSuchKey", "404", "NotFound"):
-            return UserError(f"{url} does not exist")
-        return UserError(f"S3 error {code} for {url} at {where}")
-    if isinstance(e, bx.ParamValidationError):
-        return UserError(f"{url}: invalid bucket name or key; write s3://BUCKET/PREFIX")
-    if isinstance(e, bx.BotoCoreError):
-        return UserError(f"S3 request for {url} failed ({type(e).__name__}) at {where}")
-    if isinstance(e, CutBody | ConnectionError | TimeoutError):
-        return UserError(
-            f"reading {url} from {where} kept breaking off ({e or type(e).__name__}); check "
-            "the network and the server"
-        )
-    raise e
-
-
-def retry(operation: Callable[[], T], url: str) -> T:
-    """Run `operation`; a cut-off body is read again (jittered backoff), any other error has
-    had botocore's retries already and becomes a UserError at once."""
-    for attempt in range(BODY_ATTEMPTS):
-        try:
-            return operation()
-        except CutBody as e:
-            if attempt == BODY_ATTEMPTS - 1:
-                raise user_error(e, url) from None
-            time.sleep(min(5.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-        except (bx.BotoCoreError, bx.ClientError, *BODY_ERRORS) as e:
-            raise user_error(e, url) from None
-    raise AssertionError("unreachable")
-
-
-def _is_missing(e: bx.ClientError) -> bool:
-    return str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
-
-
-def head(url: str) -> dict | None:
-    """The object's metadata, or None if there is no such object."""
-    bucket, key = split(url)
-
-    def op():
-        try:
-            return client().head_object(Bucket=bucket, Key=key)
-        except bx.ClientError as e:
-            if not _is_missing(e):
-                raise
-        # A HEAD answer has no body to say which is missing: the object, or the bucket.
-        try:
-            client().head_bucket(Bucket=bucket)
-        except bx.ClientError as e:
-            if _is_missing(e):
-                where = endpoint() or "the default AWS endpoint"
-                raise UserError(
-                    f"bucket {bucket} does not exist at {where}: create it or fix the URL"
-                ) from None
-            raise
-        return None
-
-    return retry(op, url)
-
-
-def read_bytes(url: str) -> bytes:
-    bucket, key = split(url)
-
-    def op() -> bytes:
-        return read_body(client().get_object(Bucket=bucket, Key=key))
-
-    return retry(op, url)
-
-
-def read_range(url: str, start: int, stop: int) -> bytes:
-    """Bytes [start, stop) of the object: one ranged GET, retried if its body is cut off."""
-    if start == stop:
-        return b""
-    bucket, key = split(url)
-    return retry(lambda: _get_range(bucket, key, url, start, stop), url)
-
-
-def _get_range(bucket: str, key: str, url: str, start: int, stop: int) -> bytes:
-    try:
-        response = client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
-    except bx.ClientError as e:
-        if str(e.response.get("Error", {}).get("Code")) != "InvalidRange":
-            raise
-        raise _shorter(url, stop) from None  # the range starts at or past the object's end
-    if response["ContentLength"] < stop - start:  # all there is: the object ends early
-        raise _shorter(url, stop)
-    return read_body(response, stop - start)
-
-
-def _shorter(url: str, size: int) -> UserError:
-    return UserError(
-        f"{url} is shorter than expected (under {size} bytes): it changed after prep; "
-        "run prep again"
-    )
-
-
-def upload(fileobj: BinaryIO, url: str, metadata: dict[str, str] | None = None) -> None:
-    """Upload from the start of `fileobj`; large files go multipart with parallel parts."""
-    bucket, key = split(url)
-    extra = {"Metadata": metadata} if metadata else None
-
-    def op() -> None:
-        fileobj.seek(0)
-        # s3transfer closes the file it is given, which would break the next attempt.
-        client().upload_fileobj(_Unclosable(fileobj), bucket, key, ExtraArgs=extra, Config=TRANSFER)
-
-    try:
-        retry(op, url)
-    except Exception as e:  # noqa: BLE001 - s3transfer wraps client errors in its own types
-        cause = e.__cause__ or e.__context__
-        if isinstance(e, UserError) or cause is None:
-            raise
-        raise user_error(cause, url) from None
-
-
-class _Unclosable(io.RawIOBase):
-    def __init__(self, f: BinaryIO) -> None:
-        super().__init__()
-        self.f = f
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        return self.f.read(n)
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def close(self) -> None:
-        pass
-
-
-def list_names(url: str) -> list[str]:
-    """Names directly under the prefix `url` (objects and sub-prefixes)."""
-    bucket, key = split(url)
-    prefix = key.rstrip("/") + "/" if key else ""
-    names: list[str] = []
-
-    def op() -> None:
-        names.clear()
-        pages = (
-            client()
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        )
-        for page in pages:
-            names.extend(o["Key"][len(prefix) :] for o in page.get("Contents", []))
-            names.extend(
-                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
-            )
-
-    retry(op, url)
-    return sorted(names)
-
-
-def remove(url: str) -> None:
-    """Delete the object `url` and everything under the prefix `url/`."""
-    bucket, key = split(url)
-
-    def op() -> None:
-        keys = [key] if key else []
-        pages = (
-            client()
-            .get_paginator("list_objects_v2")
-            .paginate(Bucket=bucket, Prefix=key.rstrip("/") + "/")
-        )
-        keys += [o["Key"] for page in pages for o in page.get("Contents", [])]
-        for i in range(0, len(keys), 1000):
-            batch = keys[i : i + 1000]
-            try:
-                objects = [{"Key": k} for k in batch]
-                client().delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
-            except bx.ClientError as e:
-                if not not_implemented(e):
-                    raise
-                warn_once("DeleteObjects", "deleting objects one request at a time")
-                for k in batch:
-                    client().delete_object(Bucket=bucket, Key=k)
-
-    retry(op, url)
 
 
 _warned: set[str] = set()

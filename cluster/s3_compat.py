@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 import botocore.exceptions as bx
 from pyarrow import fs
 
-from cluster import s3
+from cluster import s3, s3_errors
 from cluster.environ import environment
 
 
@@ -94,4 +94,4 @@ def abort_uploads(url: str) -> int:
             s3.client().abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
         return len(uploads)
 
-    return s3.retry(op, url)
+    return s3_errors.retry(op, url)

@@ -1,5 +1,6 @@
 """Streamed reads of S3 objects with bounded read-ahead, for readers that want a file object
-(webdataset pipelines through `storage.open_read`); training reads ranges (`s3.read_range`).
+(webdataset pipelines through `storage.open_read`); training reads ranges
+(`s3_objects.read_range`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import queue
 import threading
 from typing import BinaryIO
 
-from cluster import s3
+from cluster import s3, s3_objects
 from cluster.errors import UserError
 
 CHUNK = 8 * 2**20
@@ -26,7 +27,7 @@ class StreamReader(io.RawIOBase):
         super().__init__()
         self.url = url
         self.bucket, self.key = s3.split(url)
-        info = None if size is not None else s3.head(url)
+        info = None if size is not None else s3_objects.head(url)
         if size is None and info is None:
             raise UserError(f"{url} does not exist")
         self.size = size if size is not None else int(info["ContentLength"])
@@ -49,7 +50,7 @@ class StreamReader(io.RawIOBase):
             self._put(e)
 
     def _get(self, start: int, end: int) -> bytes:
-        return s3.read_range(self.url, start, end + 1)
+        return s3_objects.read_range(self.url, start, end + 1)
 
     def _put(self, item) -> None:
         while not self._stop.is_set():

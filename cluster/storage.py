@@ -4,7 +4,7 @@ Every location a user passes (prep's DST, train's --data and --storage, evaluate
 --checkpoint) goes through these functions, so the rest of the code never branches on the
 kind of storage. Writes are atomic: a reader sees the old object or the complete new one,
 never half (locally: a temporary name, then rename; on S3: an object appears only whole).
-The S3 details live in `cluster.s3`.
+The S3 details live in `cluster.s3` and its `cluster.s3_*` modules.
 
 Read log: when METATRAINER_READ_LOG names a directory, every `read_range`, `read_bytes` and
 `open_read` stream appends `url<TAB>bytes` to `<dir>/<pid>.tsv` (a stream logs on close what
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from cluster import s3, s3_stream
+from cluster import s3, s3_objects, s3_stream
 from cluster.errors import UserError
 
 _UMASK = os.umask(0)
@@ -64,13 +64,13 @@ def join(base: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     if is_s3(url):
-        return s3.head(url) is not None
+        return s3_objects.head(url) is not None
     return _local(url).exists()
 
 
 def read_bytes(url: str) -> bytes:
     if is_s3(url):
-        data = s3.read_bytes(url)
+        data = s3_objects.read_bytes(url)
     else:
         try:
             data = _local(url).read_bytes()
@@ -89,7 +89,7 @@ def read_range(url: str, start: int, stop: int) -> bytes:
     if start == stop:
         return b""
     if is_s3(url):
-        data = s3.read_range(url, start, stop)
+        data = s3_objects.read_range(url, start, stop)
     else:
         data = _read_local_range(url, start, stop)
     _log_read(url, len(data))
@@ -207,7 +207,7 @@ def open_write(url: str) -> Iterator[BinaryIO]:
     if is_s3(url):
         with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as f:
             yield f
-            s3.upload(f, url)
+            s3_objects.upload(f, url)
         return
     path = _local(url)
     try:
@@ -238,7 +238,7 @@ def put_file(local: str | Path, url: str, sha256: str) -> None:
     recorded in the object's metadata so `has_file` can verify it without downloading)."""
     if is_s3(url):
         with open(local, "rb") as f:
-            s3.upload(f, url, metadata={"sha256": sha256})
+            s3_objects.upload(f, url, metadata={"sha256": sha256})
         Path(local).unlink()
         return
     path = _local(url)
@@ -250,7 +250,7 @@ def put_file(local: str | Path, url: str, sha256: str) -> None:
 def has_file(url: str, size: int, sha256: str) -> bool:
     """True if `url` holds exactly these bytes (by size and sha256)."""
     if is_s3(url):
-        info = s3.head(url)
+        info = s3_objects.head(url)
         return (
             info is not None
             and int(info["ContentLength"]) == size
@@ -269,7 +269,7 @@ def has_file(url: str, size: int, sha256: str) -> bool:
 def list_dir(url: str) -> list[str]:
     """Names directly under `url` (empty if it does not exist)."""
     if is_s3(url):
-        return s3.list_names(url)
+        return s3_objects.list_names(url)
     path = _local(url)
     return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
@@ -277,7 +277,7 @@ def list_dir(url: str) -> list[str]:
 def remove(url: str) -> None:
     """Delete `url`, and everything under it if it is a directory or prefix."""
     if is_s3(url):
-        s3.remove(url)
+        s3_objects.remove(url)
         return
     path = _local(url)
     if path.is_dir():

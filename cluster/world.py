@@ -1,6 +1,6 @@
 """Who this process is: rank and loader worker; and how evaluation is split.
 
-Training samples are dealt to ranks by partition (`training.order`: rank r reads the
+Training samples are dealt to ranks by partition (`training.data.order`: rank r reads the
 partitions j ≡ r mod ranks, its loader workers only decode); evaluation samples go to ranks in
 contiguous ranges, and to loader workers by batch.
 """

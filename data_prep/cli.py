@@ -89,6 +89,13 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="skip images with more than N pixels (width × height, read from the header "
         "before decoding), against decompression bombs (default: %(default)s, Pillow's)",
     )
+    _add_where_flags(p)
+    p.set_defaults(func=run_prep)
+    return p
+
+
+def _add_where_flags(p: argparse.ArgumentParser) -> None:
+    """Where prep runs and where its output and metrics go."""
     p.add_argument(
         "--address",
         help="address of a running Ray cluster (default: RAY_ADDRESS, or else start a local "
@@ -119,8 +126,6 @@ def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="push the run's metrics to this Prometheus Pushgateway, e.g. "
         "http://pushgateway:9091 (default: push nothing)",
     )
-    p.set_defaults(func=run_prep)
-    return p
 
 
 def run_prep(args: argparse.Namespace) -> int:

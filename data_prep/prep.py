@@ -105,17 +105,7 @@ def prep(
     splits = (
         dict(splits) if splits is not None else split_plan.parse_splits(split_plan.DEFAULT_SPLITS)
     )
-    split_plan.check_splits(splits)
-    if shard_size is not None and num_shards is not None:
-        raise UserError("give --shard-size or --num-shards, not both")
-    if num_shards is not None and num_shards < 1:
-        raise UserError(f"--num-shards must be at least 1, not {num_shards}")
-    if shard_size is not None and shard_size < 1:
-        raise UserError(f"--shard-size must be more than 0 bytes, not {shard_size}")
-    if max_pixels < 1:
-        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
-    if shard_size is None and num_shards is None:
-        shard_size = DEFAULT_SHARD_SIZE
+    shard_size = _check_sizes(splits, shard_size, num_shards, max_pixels)
     progress = progress or Progress()
     s3.set_endpoint(s3_endpoint)
     s3.set_timeout(s3_timeout)
@@ -164,6 +154,22 @@ def prep(
             f"removed {len(stale)} shard(s) of an earlier run the manifest no longer names"
         )
     return manifest
+
+
+def _check_sizes(
+    splits: dict[str, float], shard_size: int | None, num_shards: int | None, max_pixels: int
+) -> int | None:
+    """Refuse impossible sizes in one line; the shard size to use (None: --num-shards)."""
+    split_plan.check_splits(splits)
+    if shard_size is not None and num_shards is not None:
+        raise UserError("give --shard-size or --num-shards, not both")
+    if num_shards is not None and num_shards < 1:
+        raise UserError(f"--num-shards must be at least 1, not {num_shards}")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"--shard-size must be more than 0 bytes, not {shard_size}")
+    if max_pixels < 1:
+        raise UserError(f"--max-pixels must be at least 1, not {max_pixels}")
+    return DEFAULT_SHARD_SIZE if shard_size is None and num_shards is None else shard_size
 
 
 def _check_dst(src: str, dst: str) -> None:

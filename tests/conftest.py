@@ -18,7 +18,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-# Test modules are imported with --import-mode=importlib: make `import s3_support` work.
+# Test modules are imported with --import-mode=importlib: make `import s3_moto` (and the
+# other support modules here) work.
 sys.path.insert(0, str(Path(__file__).parent))
 
 
@@ -57,7 +58,7 @@ def digits_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server over HTTP on 127.0.0.1 (moto, no authentication), for the session."""
-    from s3_support import S3Server
+    from s3_moto import S3Server
 
     server = S3Server()
     yield server
@@ -67,7 +68,7 @@ def s3_server():
 @pytest.fixture
 def s3(s3_server, monkeypatch):
     """This process pointed at `s3_server` with dummy credentials; restored afterwards."""
-    from s3_support import DUMMY_CREDENTIALS
+    from s3_moto import DUMMY_CREDENTIALS
 
     from cluster import s3 as s3_module
 
@@ -93,7 +94,7 @@ def bucket(s3) -> str:
 def fault_proxy(s3_server):
     """A FaultProxy in front of `s3_server`, faultless until `set_faults`; the test points
     clients at `fault_proxy.endpoint` itself (`cluster.s3.set_endpoint`)."""
-    from s3_support import FaultProxy
+    from s3_fault_proxy import FaultProxy
 
     proxy = FaultProxy(s3_server.endpoint)
     yield proxy
@@ -103,7 +104,7 @@ def fault_proxy(s3_server):
 @pytest.fixture(scope="session")
 def s3_auth_server():
     """A second S3 server (a moto subprocess) that rejects made-up credentials."""
-    from s3_support import AuthS3Server
+    from s3_moto_auth import AuthS3Server
 
     server = AuthS3Server()
     yield server

@@ -24,7 +24,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from s3_support import free_port
+from free_ports import free_port
 
 PROMETHEUS = "prometheus"
 MISSING = "needs a Prometheus server: the Debian package `prometheus` (.ci/run installs it)"

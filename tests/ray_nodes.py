@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from s3_support import free_port
+from free_ports import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 METATRAINER = str(Path(sys.executable).parent / "metatrainer")

@@ -10,8 +10,8 @@ import types
 import urllib.request
 
 import pytest
+from free_ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from s3_support import free_port
 
 from cluster import metrics as metrics_module
 from cluster.errors import UserError

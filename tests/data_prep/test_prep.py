@@ -14,13 +14,13 @@ import pytest
 import torchvision
 import webdataset as wds
 
-from cluster.cli import main
 from cluster.errors import UserError
 from data_prep.contract import Manifest, read_manifest
 from data_prep.prep import prep
 from data_prep.progress import Progress
 from data_prep.scan import ValidImage
 from data_prep.shard_task import write_shard
+from training.cli.main import main
 
 
 def read_shard(path: Path) -> list[dict]:

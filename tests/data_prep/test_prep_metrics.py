@@ -12,14 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from free_ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from s3_support import free_port
 from tool_support import missing_tool
 
-from cluster.cli import main
 from data_prep.contract import read_manifest
 from data_prep.progress import Progress
 from data_prep.report import MetricsPusher, skip_reason_kind
+from training.cli.main import main
 
 BINARY_NAMES = ("prometheus-pushgateway", "pushgateway")
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from s3_support import free_port
+from free_ports import free_port
 
 from cluster import storage
-from cluster.cli import main
 from data_prep.contract import Manifest, read_manifest
 from data_prep.prep import prep
 from data_prep.progress import Progress
+from training.cli.main import main
 
 NUM_SHARDS = 3
 
@@ -106,7 +106,7 @@ def _start_prep(src: Path, dst: str, endpoint: str, log) -> subprocess.Popen:
     env["AWS_ENDPOINT_URL_S3"] = endpoint
     # A fresh local Ray cluster of its own, bound to loopback like the session's.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    argv = [sys.executable, "-m", "cluster.cli", "prep", str(src), dst]
+    argv = [sys.executable, "-m", "training.cli.main", "prep", str(src), dst]
     return subprocess.Popen(
         [*argv, "--num-shards", str(NUM_SHARDS)],
         env=env,

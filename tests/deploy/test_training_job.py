@@ -26,7 +26,7 @@ from manifest_support import (
     rayjobs,
 )
 
-from cluster.cli import build_parser
+from training.cli.main import build_parser
 
 
 @needs_kubectl

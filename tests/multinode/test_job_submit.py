@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from free_ports import free_port
 from prometheus_support import MISSING, PrometheusServer, prometheus_binary
 from ray_nodes import RAY
-from s3_support import FaultProxy, free_port
+from s3_fault_proxy import FaultProxy
 from sample_log import trained_history
 from tool_support import missing_tool
 
@@ -232,7 +233,7 @@ def test_prometheus_scraped_the_samples_the_submitted_run_trained(submitted):
     trained = sum(len(keys) for keys in trained_history(str(submitted.sample_log)).values())
     # What the run says it trained: its global steps × the one worker's batch, the train
     # split less a remainder that does not fill a batch.
-    assert trained == result["step"] * BATCH * result["config"]["workers"]
+    assert trained == result["step"] * BATCH * result["config"]["cluster"]["workers"]
     train = read_manifest(submitted.data).num_samples("train")
     assert train - BATCH < trained <= train
 

@@ -23,7 +23,7 @@ def shards(ray_cluster, digits_dir: Path, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def small_config() -> Callable[..., TrainConfig]:
-    """TrainConfig(data=[data], storage=...) at 32 px on 2 CPU workers; overrides win."""
+    """TrainConfig.of(data=[data], storage=...) at 32 px on 2 CPU workers; overrides win."""
 
     def make(data: str, storage: str | Path, **overrides) -> TrainConfig:
         values = dict(
@@ -37,14 +37,14 @@ def small_config() -> Callable[..., TrainConfig]:
             max_failures=0,
             metrics_port=0,
         )
-        return TrainConfig(**{**values, **overrides})
+        return TrainConfig.of(**{**values, **overrides})
 
     return make
 
 
 def _train_once(name: str, settings: dict, shards, small_config, tmp_path_factory):
     """`settings` trained once with a sample log: (result.json, run directory, log directory)."""
-    from training.driver import run_training
+    from training.run.driver import run_training
 
     root = tmp_path_factory.mktemp(name)
     log = root / "log" / name
@@ -65,3 +65,22 @@ def augmented_reference_run(shards, small_config, tmp_path_factory) -> tuple[dic
     """AUGMENTED_RUN (augmentation on, no feature cache) trained once, with a sample log, as
     `reference_run`: (its result.json, its run directory, its sample-log directory)."""
     return _train_once("augmented", AUGMENTED_RUN, shards, small_config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rerun_config(small_config):
+    """A config with the reference run's flags (REFERENCE_RUN) as the run ROOT/runs/NAME:
+    `rerun_config(shards, root, name, **overrides)`."""
+
+    def make(shards: str, root: Path, name: str, **overrides) -> TrainConfig:
+        values = dict(name=name, **REFERENCE_RUN)
+        return small_config(shards, root / "runs", **{**values, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> tuple[dict, Path]:
+    """The session's uninterrupted run: its result, and its run directory."""
+    result, run_dir, _ = reference_run
+    return result, run_dir

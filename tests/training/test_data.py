@@ -7,8 +7,10 @@ import torch
 from cluster import storage
 from cluster.world import World
 from data_prep.contract import read_manifest
-from training import order
-from training.data import EvalBatches, SplitReader, TrainBatches, build_loader
+from training.data import order
+from training.data.batches import EvalBatches, TrainBatches
+from training.data.loader import build_loader
+from training.data.reader import SplitReader
 
 PARTITIONS = 12
 
@@ -204,7 +206,7 @@ def test_unusual_images_decode_to_uint8_rgb_crops():
     import numpy as np
     from PIL import Image
 
-    from training.decode import decode_cpu, plan_crop
+    from training.data.decode import decode_cpu, plan_crop
 
     ramp = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
     for mode, array, fmt in [
@@ -228,8 +230,8 @@ def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(sh
     from PIL import Image
     from torchvision import transforms as T
 
-    from training.data import SplitReader
-    from training.decode import IMAGENET_MEAN, IMAGENET_STD, pil_to_rgb, to_input
+    from training.data.decode import IMAGENET_MEAN, IMAGENET_STD, pil_to_rgb, to_input
+    from training.data.reader import SplitReader
 
     [(images, _, keys), *_] = collect(train_batches(shards, 0, 1, 64, augment=False))
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
@@ -247,7 +249,7 @@ def test_the_loader_ships_uint8_and_the_device_normalises_as_torchvision_does(sh
 
 def test_device_decode_batches_match_cpu_decode_batches_through_loader_workers(shards):
     """--decode gpu's loader (workers ship JPEG bytes and crops), decoded here on the CPU."""
-    from training.decode import Encoded, to_device
+    from training.data.decode import Encoded, to_device
 
     cpu = collect(train_batches(shards, 1, 2, 16), loader_workers=2)
     device = train_batches(shards, 1, 2, 16)
@@ -265,13 +267,17 @@ def test_evaluation_uses_the_weights_own_eval_transform(shards):
     """Resize 232 → crop 224 for IMAGENET1K_V2 (256 for V1): the centre 224/232 of the short
     side, scaled to the image size; weights without a transform keep the whole short side."""
     from training.config import TrainConfig
-    from training.decode import plan_crop
+    from training.data.decode import plan_crop
 
     assert plan_crop(500, 375, None, 224 / 256) == (24, 86, 328, 328, False)
     manifest = read_manifest(shards)
     batches = {
         w: EvalBatches.from_config(
-            shards, manifest, "test", TrainConfig(weights=w, batch_size=16, image_size=32), World()
+            shards,
+            manifest,
+            "test",
+            TrainConfig.of(weights=w, batch_size=16, image_size=32),
+            World(),
         )  # fmt: skip
         for w in ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
     }

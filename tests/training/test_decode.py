@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.decode import (
+from training.data.decode import (
     CROP_RATIO,
     CROP_SCALE,
     Encoded,
@@ -115,7 +115,7 @@ def test_uint8_grey_jpeg_and_small_images_work():
 
 
 def test_the_jpeg_header_gives_pils_size_and_refuses_what_the_device_cannot_take(photos):
-    from training.decode import jpeg_size
+    from training.data.decode import jpeg_size
 
     img = Image.open(io.BytesIO(photos[0]))
     cases = {}

@@ -11,9 +11,9 @@ import torch
 
 from data_prep.prep import prep
 from data_prep.sample_data import write_digits_imagefolder
-from training.checkpoint import load_state
-from training.driver import run_training
-from training.model import build_model
+from training.model.checkpoint import load_state
+from training.model.network import build_model
+from training.run.driver import run_training
 
 # (workers, loader workers) at one global batch of 12 over 8 partitions: 3 workers own 3, 3
 # and 2 partitions (uneven parts of every step), 2 loader workers with 2 ranks, 3 with 2.
@@ -98,7 +98,7 @@ def test_two_unequal_datasets_train_the_same_model_on_every_shape(
             epochs=1, augment=True, adapters=["layer4"], mix=mix, partitions=partitions, lr=1e-4,
             sample_log=str(log),
         )  # fmt: skip
-        cfg.data = [shards, small_digits]
+        cfg.data.datasets = [shards, small_digits]
         outcome = run_training(cfg)
         assert outcome.metrics["feature_cache"] is False
         trained[key] = load_state(outcome.checkpoint).model

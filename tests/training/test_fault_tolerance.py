@@ -24,9 +24,9 @@ from reference_run import AUGMENTED_RUN, REFERENCE_RUN
 from sample_log import trained_history, wait_for
 
 from data_prep.contract import read_manifest
-from training import order
 from training.config import TrainConfig
-from training.driver import run_training
+from training.data import order
+from training.run.driver import run_training
 
 EPOCHS, BATCH, WORKERS = REFERENCE_RUN["epochs"], REFERENCE_RUN["batch_size"], 2
 
@@ -79,7 +79,7 @@ def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capf
     stride = BATCH * WORKERS
     rng = random.Random(2026)
     targets = sorted(rng.sample(range(2, EPOCHS * steps_per_epoch - 2), 3))
-    log = Path(cfg.sample_log) / "rank-0.tsv"
+    log = Path(cfg.run.sample_log) / "rank-0.tsv"
     kills = 0
     offset = 0
     deadline = time.monotonic() + 600
@@ -104,15 +104,18 @@ def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capf
     assert chaos["feature_cache"]  # so this also resumes inside runs from cached features
     assert chaos["fingerprint"] == result["fingerprint"]
     assert chaos["test_accuracy"] == result["test_accuracy"]
-    assert_exactly_once(trained_history(cfg.sample_log), ref_history)
+    assert_exactly_once(trained_history(cfg.run.sample_log), ref_history)
 
 
 def inside_chunks(cfg: dict, total: int, epoch: int, consumed: int) -> bool:
     """Whether a resume after `consumed` samples of `epoch` starts inside a chunk of every
     partition (its samples before that point are read, but not trained)."""
-    p = cfg["partitions"]
+    p = cfg["data"]["partitions"]
     parts = [order.Partition.of(j, p, total) for j in range(p)]
-    epochs = [order.PartitionEpoch(pt, cfg["shuffle_block"], cfg["seed"], epoch) for pt in parts]
+    epochs = [
+        order.PartitionEpoch(pt, cfg["data"]["shuffle_block"], cfg["optim"]["seed"], epoch)
+        for pt in parts
+    ]
     return all(order.taken(j, p, consumed) not in e.starts for j, e in enumerate(epochs))
 
 
@@ -131,7 +134,7 @@ def test_a_worker_killed_mid_chunk_on_the_image_path_changes_nothing(
     run = threading.Thread(target=lambda: outcome.update(out=run_training(cfg)))
     run.start()
     stride = BATCH * WORKERS
-    log = Path(cfg.sample_log) / "rank-0.tsv"
+    log = Path(cfg.run.sample_log) / "rank-0.tsv"
     # After step 17 of 28 in the second epoch, 5 steps after its checkpoint at step 12.
     wait_for(log, 0, (1, 16 * stride), time.monotonic() + 600, run.is_alive)
     pids = worker_pids()
@@ -153,4 +156,4 @@ def test_a_worker_killed_mid_chunk_on_the_image_path_changes_nothing(
     assert images["feature_cache"] is False and result["feature_cache"] is False
     assert images["fingerprint"] == result["fingerprint"]
     assert images["test_accuracy"] == result["test_accuracy"]
-    assert_exactly_once(trained_history(cfg.sample_log), ref_history)
+    assert_exactly_once(trained_history(cfg.run.sample_log), ref_history)

@@ -12,14 +12,15 @@ from sample_log import trained_history
 from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import read_manifest
-from training import features
 from training.config import TrainConfig
-from training.data import TrainBatches, build_loader
-from training.decode import to_input
-from training.driver import run_training
-from training.features import CachedBatches, FeatureCache, cache_applies, cache_key
-from training.model import build_model
-from training.step import batch_invariant
+from training.data import features
+from training.data.batches import TrainBatches
+from training.data.decode import to_input
+from training.data.features import CachedBatches, FeatureCache, cache_applies, cache_key
+from training.data.loader import build_loader
+from training.model.network import build_model
+from training.model.step import batch_invariant
+from training.run.driver import run_training
 
 CPU = torch.device("cpu")
 
@@ -27,16 +28,16 @@ CPU = torch.device("cpu")
 def cfg_for(shards: str, **kw) -> TrainConfig:
     values = dict(data=[shards], weights="none", image_size=32, augment=False, batch_size=16,
                   loader_workers=0, partitions=8, shuffle_block=4)  # fmt: skip
-    return TrainConfig(**{**values, **kw})
+    return TrainConfig.of(**{**values, **kw})
 
 
 def test_the_cache_applies_only_where_nothing_in_the_backbone_trains_and_inputs_are_fixed():
-    assert cache_applies(TrainConfig(augment=False))
-    assert not cache_applies(TrainConfig(augment=True))
-    assert not cache_applies(TrainConfig(augment=False, adapters=["layer4"]))
-    assert not cache_applies(TrainConfig(augment=False, feature_cache="off"))
+    assert cache_applies(TrainConfig.of(augment=False))
+    assert not cache_applies(TrainConfig.of(augment=True))
+    assert not cache_applies(TrainConfig.of(augment=False, adapters=["layer4"]))
+    assert not cache_applies(TrainConfig.of(augment=False, feature_cache="off"))
     with pytest.raises(UserError, match="--no-augment"):
-        cache_applies(TrainConfig(augment=True, feature_cache="on"))
+        cache_applies(TrainConfig.of(augment=True, feature_cache="on"))
 
 
 def test_the_key_changes_with_anything_the_features_depend_on(shards):

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import main
-from training.checkpoint import Position, TrainState, rng_state, save_state
+from training.cli.main import main
 from training.config import TrainConfig
-from training.driver import run_training
-from training.evaluate import evaluate_checkpoint, load_trained
-from training.model import build_model
+from training.model.checkpoint import Position, TrainState, rng_state, save_state
+from training.model.network import build_model
+from training.run.driver import run_training
+from training.run.evaluate import evaluate_checkpoint, load_trained
 
 # One worker, decoding in its own process: the least start-up per run on 2 cores.
 ONE_WORKER = dict(workers=1, loader_workers=0, batch_size=32)
@@ -38,7 +38,7 @@ def source(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
     with torch.no_grad():
         for a in model.adapters:
             a.adapter.weight.normal_(0, 0.05)  # trained adapters change the features
-    cfg = TrainConfig(data=["/meta/a"], weights="none", adapters=["layer4"], image_size=32)
+    cfg = TrainConfig.of(data=["/meta/a"], weights="none", adapters=["layer4"], image_size=32)
     state = TrainState(
         model=model.trainable_state_dict(),
         optimizer={},
@@ -63,7 +63,7 @@ def test_frozen_adapters_carry_bitwise_with_new_heads_and_resume(
     cfg = small_config(shards, tmp_path, name="new", init_from=str(run), epochs=1, **ONE_WORKER)
     outcome = run_training(cfg)
     result = json.loads(Path(outcome.result_file).read_text())
-    assert result["config"]["adapters"] == ["layer4"]  # --adapters left out: the source's
+    assert result["config"]["model"]["adapters"] == ["layer4"]  # --adapters left out: the source's
     # Nothing in the backbone trains: the heads train on features computed once, through
     # the carried adapters (the cache key covers them, so evaluating the images through the
     # model scores the same).
@@ -118,7 +118,7 @@ def test_a_source_that_does_not_fit_is_one_line_before_ray(shards, tmp_path, sou
 def test_features_through_other_adapters_are_another_cache_key(shards, source):
     """Features computed through adapters are reusable only with those very adapters."""
     from data_prep.contract import read_manifest
-    from training.features import adapters_fingerprint, cache_key
+    from training.data.features import adapters_fingerprint, cache_key
 
     _, adapters = source
     model = build_model("none", [10], ["layer4"], seed=1234)
@@ -126,7 +126,7 @@ def test_features_through_other_adapters_are_another_cache_key(shards, source):
     model.load_state_dict(adapters, strict=False)
     carried = adapters_fingerprint(model)
     assert adapters_fingerprint(build_model("none", [10], [], seed=1234)) is None
-    cfg, manifest, cpu = TrainConfig(image_size=32), read_manifest(shards), torch.device("cpu")
+    cfg, manifest, cpu = TrainConfig.of(image_size=32), read_manifest(shards), torch.device("cpu")
     fingerprints = [None, zero, carried]
     keys = {cache_key("sha", cfg, manifest, "train", cpu, adapters=a) for a in fingerprints}
     assert len(keys) == 3

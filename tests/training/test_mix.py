@@ -10,15 +10,17 @@ from collections import Counter
 import pytest
 import torch
 
-from cluster.cli import build_parser
 from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import read_manifest, write_manifest
-from training.data import SplitReader, TrainBatches, build_loader
-from training.features import CachedBatches, SplitFeatures
-from training.loss import MetaLoss
-from training.mix import Mix, parse_mix
-from training.model import build_model
+from training.cli.main import build_parser
+from training.data.batches import TrainBatches
+from training.data.features import CachedBatches, SplitFeatures
+from training.data.loader import build_loader
+from training.data.mix import Mix, parse_mix
+from training.data.reader import SplitReader
+from training.model.loss import MetaLoss
+from training.model.network import build_model
 
 G = 16  # global batch
 

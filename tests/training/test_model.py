@@ -9,8 +9,8 @@ from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from cluster.errors import UserError
-from training.loss import MetaLoss
-from training.model import build_model, freeze_batchnorm, load_resnet50, state_fingerprint
+from training.model.loss import MetaLoss
+from training.model.network import build_model, freeze_batchnorm, load_resnet50, state_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_cached_imagenet_weights_are_hash_checked_and_never_unpickle_code(tmp_pa
 
     from torchvision.models import resnet50
 
-    from training.model import load_hub_weights
+    from training.model.network import load_hub_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cache = tmp_path / "hub" / "checkpoints"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from training import order
+from training.data import order
 
 
 @pytest.mark.parametrize("total", [0, 1, 5, 97, 480])

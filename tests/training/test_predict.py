@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from cluster import storage
-from cluster.cli import main
 from cluster.errors import UserError
 from cluster.world import World
 from data_prep.contract import Manifest, read_manifest, write_manifest
@@ -35,14 +34,16 @@ from data_prep.scan import (
 )
 from data_prep.shard_task import write_shard
 from data_prep.splits import DEFAULT_SPLITS, parse_splits
-from training.checkpoint import Position, TrainState, save_state
+from training.cli.main import main
+from training.cli.predict import choose_head
 from training.config import TrainConfig
-from training.data import EvalBatches, build_loader
-from training.decode import to_input
-from training.evaluate import evaluate_checkpoint, load_trained
-from training.loop import dataset_labels
-from training.model import build_model
-from training.predict import choose_head
+from training.data.batches import EvalBatches
+from training.data.decode import to_input
+from training.data.loader import build_loader
+from training.model.checkpoint import Position, TrainState, save_state
+from training.model.network import build_model
+from training.run.evaluate import evaluate_checkpoint, load_trained
+from training.run.loop import dataset_labels
 
 
 def _odd_format(path: Path, variant: int) -> Path:
@@ -92,10 +93,10 @@ def _prep_in_process(src: Path, dst: Path) -> Manifest:
 
 def _train_head(data: str, runs: Path) -> Path:
     """A checkpoint whose head was fitted, full batch, to the backbone's train features."""
-    cfg = TrainConfig(data=[data], storage=str(runs), weights="none", image_size=32)
-    cfg.augment, cfg.batch_size = False, 128
+    cfg = TrainConfig.of(data=[data], storage=str(runs), weights="none", image_size=32)
+    cfg.data.augment, cfg.optim.batch_size = False, 128
     manifest = read_manifest(data)
-    model = build_model(cfg.weights, [len(manifest.classes)], [], cfg.seed)
+    model = build_model(cfg.model.weights, [len(manifest.classes)], [], cfg.optim.seed)
     model.eval()
     batches = EvalBatches.from_config(data, manifest, "train", cfg, World())
     with torch.no_grad():
@@ -118,7 +119,7 @@ def _train_head(data: str, runs: Path) -> Path:
         rng={},
         config=cfg.to_dict(),
         classes=[manifest.classes],
-        backbone={"weights": cfg.weights, "sha256": model.backbone_fingerprint()},
+        backbone={"weights": cfg.model.weights, "sha256": model.backbone_fingerprint()},
     )
     checkpoint = runs / "digits" / "checkpoint_000001"
     checkpoint.mkdir(parents=True)

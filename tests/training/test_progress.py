@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training import progress
+from training.run import progress
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cluster.cli import main
 from data_prep.contract import read_manifest
-from training.driver import TrainOutcome, run_training
-from training.evaluate import evaluate_checkpoint, load_trained
-from training.loop import dataset_labels
+from training.cli.main import main
+from training.run.driver import TrainOutcome, run_training
+from training.run.evaluate import evaluate_checkpoint, load_trained
+from training.run.loop import dataset_labels
 
 EPOCHS = 3
 
@@ -122,7 +122,7 @@ def test_report_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no checkpoint found" in err, err
 
     # At the end of a training that finished, the same failure is a warning, not an error.
-    from training.driver import _write_report
+    from training.run.driver import _write_report
 
     assert _write_report(str(tmp_path / "empty-run")) is None
     err = capsys.readouterr().err.strip()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cluster import s3 as s3_module
-from cluster.cli import main
 from data_prep.contract import read_manifest
+from training.cli.main import main
 
 AWS_CHUNK = re.compile(rb"^[0-9a-fA-F]+(;[^\r\n]*)?\r\n")
 

@@ -14,8 +14,8 @@ from cluster import s3 as s3_module
 from cluster import storage
 from cluster.errors import UserError
 from data_prep.contract import Shard
-from training import shard_cache
-from training.shard_cache import ShardCache
+from training.data import shard_cache
+from training.data.shard_cache import ShardCache
 
 SIZE = 10_000
 ENTRIES = [range(i, i + 1_000) for i in range(0, SIZE, 1_000)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from training.loss import MetaLoss
-from training.model import build_model
-from training.step import LossSums, prepare_compute, train_step
+from training.model.loss import MetaLoss
+from training.model.network import build_model
+from training.model.step import LossSums, prepare_compute, train_step
 
 CPU = torch.device("cpu")
 

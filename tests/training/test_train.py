@@ -12,16 +12,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from free_ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from s3_support import free_port
 
-from cluster.cli import main
 from cluster.errors import UserError
-from training import progress
-from training.checkpoint import STATE_FILE
-from training.driver import run_training
-from training.evaluate import evaluate_checkpoint
-from training.resume import CHECKPOINT_NAME
+from training.cli.main import main
+from training.model.checkpoint import STATE_FILE
+from training.run import progress
+from training.run.driver import run_training
+from training.run.evaluate import evaluate_checkpoint
+from training.run.resume import CHECKPOINT_NAME
 
 
 def samples_trained(port: int) -> float | None:
@@ -86,7 +86,7 @@ def test_training_learns_serves_metrics_and_resumes(shards, small_config, tmp_pa
     losses = [e["loss"] for e in result["history"]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert result["test_accuracy"] > 0.25, "10 classes: chance is 0.1"
-    assert result["config"]["workers"] == 2 and len(result["fingerprint"]) == 64
+    assert result["config"]["cluster"]["workers"] == 2 and len(result["fingerprint"]) == 64
     # --keep-checkpoints 2: of the 3 epochs' checkpoints, the oldest is gone.
     steps = result["step"] // 3  # an epoch's
     assert checkpoint_steps(first.run_dir) == [2 * steps, 3 * steps]
@@ -183,16 +183,16 @@ def test_train_errors_are_one_line(tmp_path, capsys, shards):
 
 
 def test_any_worker_count_or_range_serves_any_partitions(tmp_path, shards):
-    from cluster.cli import build_parser
-    from training.cli import config_from_args
-    from training.driver import check_workers
+    from training.cli.main import build_parser
+    from training.cli.train import config_from_args
+    from training.run.driver import check_workers
 
     base = ["train", "--data", shards, "--storage", str(tmp_path), "--name", "x"]
     for flags in (["--workers", "3", "--loader-workers", "2", "--partitions", "16"],
                   ["--workers", "4-8", "--loader-workers", "3", "--partitions", "2"]):  # fmt: skip
         cfg = config_from_args(build_parser().parse_args([*base, *flags]))
         check_workers(cfg)
-    cfg.min_workers = 9
+    cfg.cluster.min_workers = 9
     with pytest.raises(UserError, match="--workers needs 1 <= MIN <= MAX, not 9-8"):
         check_workers(cfg)
 
@@ -214,17 +214,20 @@ def test_relative_paths_adapters_two_datasets_and_augmentation_through_the_drive
     monkeypatch.chdir(tmp_path)
     cfg = small_config("a/digits", "runs", weights="w.pth", adapters=["layer4"], augment=True,
                        epochs=1, batch_size=8, name="rel")  # fmt: skip
-    cfg.data.append("b/digits")
+    cfg.data.datasets.append("b/digits")
     outcome = run_training(cfg)
     result = json.loads(Path(outcome.result_file).read_text())
-    assert result["config"]["weights"] == str(tmp_path / "w.pth")
-    assert result["config"]["data"] == [str(tmp_path / "a/digits"), str(tmp_path / "b/digits")]
+    assert result["config"]["model"]["weights"] == str(tmp_path / "w.pth")
+    assert result["config"]["data"]["datasets"] == [
+        str(tmp_path / "a/digits"),
+        str(tmp_path / "b/digits"),
+    ]
     assert set(result["test_accuracy_per_dataset"]) == {"a/digits", "b/digits"}
     assert result["feature_cache"] is False  # adapters and augmentation: the image path
 
 
 def test_dataset_labels_are_distinct():
-    from training.loop import dataset_labels
+    from training.run.loop import dataset_labels
 
     assert dataset_labels(["/x/a/flowers", "/y/b/flowers", "/z/c/digits"]) == [
         "a/flowers",

@@ -16,9 +16,10 @@ from cluster.world import World
 from data_prep.contract import read_manifest
 from data_prep.prep import prep
 from training.config import TrainConfig
-from training.data import TrainBatches, build_loader
-from training.driver import run_training
-from training.evaluate import evaluate_checkpoint
+from training.data.batches import TrainBatches
+from training.data.loader import build_loader
+from training.run.driver import run_training
+from training.run.evaluate import evaluate_checkpoint
 
 
 def test_prep_train_checkpoint_resume_evaluate_on_s3(
@@ -81,7 +82,7 @@ def test_an_epoch_reads_each_s3_byte_once_at_any_shape(shards, s3, bucket, fault
     manifest = read_manifest(data)
     shard_bytes = sum(sh.bytes for sh in manifest.shards("train"))
     s3_backend.set_endpoint(fault_proxy.endpoint)
-    cfg = TrainConfig(batch_size=8, partitions=16, shuffle_block=8)
+    cfg = TrainConfig.of(batch_size=8, partitions=16, shuffle_block=8)
     for ranks, workers in [(2, 2), (3, 3), (5, 1)]:
         fault_proxy.reset_counts()
         for rank in range(ranks):
@@ -93,7 +94,7 @@ def test_an_epoch_reads_each_s3_byte_once_at_any_shape(shards, s3, bucket, fault
 
 
 def test_s3_errors_in_train_and_evaluate_are_one_line(s3, bucket, tmp_path, capsys):
-    from cluster.cli import main
+    from training.cli.main import main
 
     cases = [
         (["train", "--data", "s3://no-such-bucket-here/d", "--storage", str(tmp_path)],

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from sample_log import trained_history
 
-from cluster.cli import main
-from training.checkpoint import find_checkpoint, load_state
-from training.evaluate import load_trained
+from training.cli.main import main
+from training.model.checkpoint import find_checkpoint, load_state
+from training.run.evaluate import load_trained
 
 EPOCHS = 4
 """ASHA (reduction factor 4) has rungs at epochs 1 and 4: the last epoch is one."""
@@ -95,9 +95,9 @@ def test_tune_table_best_run_and_rerun(shards, tmp_path, capsys):
     # others that may finish, depending on when each reports, up to 0.194.
     assert float(best["best_val_accuracy"]) > 0.14, best
     model, cfg, state = load_trained(best_dir)
-    assert cfg.lr == pytest.approx(float(best["lr"]))
-    assert cfg.batch_size == int(best["batch_size"])
-    assert ("+".join(cfg.adapters) or "none") == best["adapters"]
+    assert cfg.optim.lr == pytest.approx(float(best["lr"]))
+    assert cfg.optim.batch_size == int(best["batch_size"])
+    assert ("+".join(cfg.model.adapters) or "none") == best["adapters"]
     assert state.position.epoch == int(best["epochs"])
     assert main(["evaluate", "--checkpoint", best_dir, "--loader-workers", "0"]) == 0
     capsys.readouterr()

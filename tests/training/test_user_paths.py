@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from free_ports import free_port
 from ray_nodes import metatrainer
-from s3_support import free_port
 
-from cluster.cli import main
 from data_prep.contract import read_manifest
 from data_prep.sample_data import write_digits_imagefolder
-from training.checkpoint import find_checkpoint, load_state
+from training.cli.main import main
+from training.model.checkpoint import find_checkpoint, load_state
 
 # Fast on 2 CPU cores; everything else is the default but the metrics port (`train`).
 SMALL = ["--weights", "none", "--image-size", "32", "--epochs", "1"]
@@ -60,9 +60,13 @@ def test_train_on_a_small_dataset_in_any_shape(small_digits, address, tmp_path, 
     global batch of the split is trained (3 workers × 16: a rank, or two, own no partition)."""
     result = train(small_digits, tmp_path, "run", address, *SMALL, *flags)
     config = result["config"]
-    assert config["partitions"] in (1, 2) and len(result["history"]) == 1  # under 128 train
+    assert config["data"]["partitions"] in (1, 2) and len(result["history"]) == 1  # under 128 train
     train_samples = read_manifest(small_digits).num_samples("train")
-    assert result["step"] == train_samples // (config["workers"] * config["batch_size"]) >= 1
+    assert (
+        result["step"]
+        == train_samples // (config["cluster"]["workers"] * config["optim"]["batch_size"])
+        >= 1
+    )
 
 
 def test_demo_prints_its_accuracy_and_where_everything_went(address, tmp_path):
@@ -97,7 +101,7 @@ def test_compile_trains_the_same_weights(small_digits, address, tmp_path):
     """--compile (torch.compile on the CPU, through DDP) against the same run without it."""
     eager = train(small_digits, tmp_path, "eager", address, *SMALL)
     compiled = train(small_digits, tmp_path, "compiled", address, *SMALL, "--compile")
-    assert compiled["config"]["compile"] and not eager["config"]["compile"]
+    assert compiled["config"]["model"]["compile"] and not eager["config"]["model"]["compile"]
     weights = [load_state(find_checkpoint(str(tmp_path / n))).model for n in ("eager", "compiled")]
     assert weights[0].keys() == weights[1].keys()
     # Measured: at most 8e-6 apart (eager reruns are bit-identical); one Adam step is 1e-3.

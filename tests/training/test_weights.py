@@ -21,11 +21,11 @@ import torch
 from torchvision.models import resnet50
 
 from cluster import s3 as s3_module
-from cluster.cli import main
 from cluster.errors import UserError
 from data_prep.contract import BLOCK, Manifest, Shard, archive_bytes, encode_index, write_manifest
-from training import weights
-from training.model import build_model, load_resnet50
+from training.cli.main import main
+from training.model import weights
+from training.model.network import build_model, load_resnet50
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = os.urandom(300_000)  # fetch() never looks inside: any bytes stand in for a weights file
@@ -130,7 +130,7 @@ def silent_server():
 
 FETCH = """
 import hashlib, sys
-from training import weights
+from training.model import weights
 print(hashlib.sha256(weights.fetch(sys.argv[1], sys.argv[2])).hexdigest())
 """
 
