@@ -42,7 +42,7 @@ class FaultProxy:
     Faults, drawn per request from one seeded generator: an S3 error reply (500/503) without
     forwarding, an object's GET response cut off after part of its body (full Content-Length,
     then the connection closes), and a delay before forwarding. `injected` counts "error" and
-    "truncate". Listings and other GETs with a query are never cut off: botocore turns a
+    "truncate". Listings are never cut off: botocore turns a
     cut-off listing into a retried 500, so at the rates the tests use (0.2 errors, 0.3 cuts:
     0.44 an attempt) one listing in about 700 would fail all 8 attempts; the cut-off bodies
     under test are the objects' (`cluster.s3_errors.CutBody`).
@@ -143,7 +143,7 @@ class FaultProxy:
             if error_roll < self.error_rate and chosen:
                 self.injected["error"] += 1
                 return error, None, delay
-            if method == "GET" and not urlparse(path).query and truncate_roll < self.truncate_rate:
+            if method == "GET" and not _listing(path) and truncate_roll < self.truncate_rate:
                 return None, fraction, delay
             return None, None, delay
 
@@ -178,6 +178,16 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+LISTING_PARAMS = ("list-type", "prefix", "delimiter", "uploads", "uploadId", "versions")
+"""Query parameters of S3's listings (ListObjects v1/v2, multipart uploads, parts, versions);
+GetObject's own query (botocore adds `x-id=GetObject`) has none of them."""
+
+
+def _listing(path: str) -> bool:
+    query = parse_qs(urlparse(path).query, keep_blank_values=True)
+    return any(p in query for p in LISTING_PARAMS)
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
