@@ -143,17 +143,21 @@ class RayNodes:
 
     def wait_alive(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
+        seen: object = None
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if node.process and node.process.poll() is not None:
                     raise RuntimeError(f"{node.name} exited: {node.log.read_text()[-2000:]}")
             try:
-                if len(self.alive_nodes()) == count:
+                seen = self.alive_nodes()
+                if len(seen) == count:
                     return
-            except Exception:  # noqa: BLE001 - the GCS is still starting
-                pass
+            except Exception as e:  # noqa: BLE001 - the GCS is still starting
+                seen = e
             time.sleep(0.5)
-        raise RuntimeError(f"{count} Ray nodes did not come up within {timeout} s")
+        raise RuntimeError(
+            f"{count} Ray nodes did not come up within {timeout} s; last seen: {seen!r:.1500}"
+        )
 
     def actors(self, class_name: str) -> list:
         from ray.util.state import list_actors
@@ -192,6 +196,11 @@ def use_token_auth() -> None:
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
     os.environ["RAY_AUTH_MODE"] = "token"
+    # Ray reads its config once per process: read it again, as `ray.init` does when it turns
+    # token auth on, or this process would not send the token without a `ray.init` before.
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def descendants(pid: int) -> list[int]:

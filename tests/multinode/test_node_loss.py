@@ -70,17 +70,25 @@ def result(root: Path, name: str) -> dict:
     return json.loads((root / "runs" / name / "result.json").read_text())
 
 
-def steps_on_two_workers(root: Path, name: str) -> int:
-    """Steps the newest checkpoint's weights trained on two workers since they last started
-    on two (0: its last segment is on one worker, or it cannot be read yet). A group that
-    grows and is lost before its first checkpoint leaves nothing here: its steps are lost."""
+def newest_segments(root: Path, name: str) -> list[dict] | None:
+    """The segments of the run's newest checkpoint (None: none yet, or still being copied)."""
     run_dir = root / "runs" / name
     names = sorted(p.name for p in run_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name))
     try:
-        last = load_state(run_dir / names[-1]).position.segments[-1]
+        return load_state(run_dir / names[-1]).position.segments
     except Exception:  # none yet, or still being copied into place
+        return None
+
+
+def steps_on_two_workers(root: Path, name: str, after: int) -> int:
+    """Steps the newest checkpoint's weights trained on two workers in a segment that began
+    after step `after` (0: its last segment is on one worker or older, or it cannot be read
+    yet). A group that grows and is lost before its first checkpoint leaves nothing here."""
+    segments = newest_segments(root, name)
+    last = segments[-1] if segments else None
+    if last is None or last["workers"] != 2 or last["first_step"] <= after:
         return 0
-    return last["last_step"] - last["first_step"] + 1 if last["workers"] == 2 else 0
+    return last["last_step"] - last["first_step"] + 1
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float) -> None:
@@ -201,15 +209,20 @@ def test_elastic_shrinks_grows_back_and_ends_with_the_fixed_runs_weights(
         lost = lose_all_but_one_worker_node()
         try:
             shrunk = run.wait_for_line("on 1 workers")
+            # Where the group on one worker started: the newest checkpoint's last step.
+            segments = lambda: newest_segments(tmp_path, "elastic")  # noqa: E731
+            wait_until(segments, "a readable checkpoint", 60)
+            shrunk_at = segments()[-1]["last_step"]
         finally:
             for node in lost:
                 nodes.restart(node)
         run.wait_for_line("on 2 workers", after=shrunk)
-        # Two checkpoints on two workers, so the weights descend from steps trained on two
-        # after the growth. Read from the checkpoint itself: a grown group can be lost again
+        # Two checkpoints on two workers after the growth, so the weights descend from steps
+        # trained on two since. Read from the checkpoint itself: a grown group can be lost again
         # before its first checkpoint (the restarted nodes still settling), and the group on
-        # one worker that follows writes checkpoints too.
-        two_checkpoints = lambda: steps_on_two_workers(tmp_path, "elastic") >= 8  # noqa: E731
+        # one worker that follows writes checkpoints too; the steps on two workers before the
+        # shrink do not count.
+        two_checkpoints = lambda: steps_on_two_workers(tmp_path, "elastic", shrunk_at) >= 8  # noqa: E731
         wait_until(two_checkpoints, "two checkpoints after growing to two workers", 300)
         grown = max(i for i, line in enumerate(run.lines) if "on 2 workers" in line)
         lost = lose_all_but_one_worker_node()
