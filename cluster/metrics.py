@@ -96,8 +96,16 @@ class TrainMetrics:
             [*labels, "dataset"],
             registry=r,
         )
+        self._evaluating = Gauge(
+            "metatrainer_evaluating",
+            "1 while this rank scores a split (validation after each epoch, the test split "
+            "after the last), else 0.",
+            labels,
+            registry=r,
+        )
         self._labels = {"run": run, "rank": str(rank)}
         self._started.labels(**self._labels).set(time.time())
+        self._evaluating.labels(**self._labels).set(0)
         # Served from the start with a count of 0, so "no checkpoint for an hour" is a series
         # that stays flat, not one that does not exist yet.
         self._checkpoint.labels(**self._labels)
@@ -132,6 +140,17 @@ class TrainMetrics:
     def val_accuracy(self, dataset: str, accuracy: float) -> None:
         self._val.labels(**self._labels, dataset=dataset).set(accuracy)
 
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """`metatrainer_evaluating` is 1 inside: the stalled-training alert does not page
+        while a rank scores a split (deploy/monitoring/prometheusrule.yaml)."""
+        gauge = self._evaluating.labels(**self._labels)
+        gauge.set(1)
+        try:
+            yield
+        finally:
+            gauge.set(0)
+
     def close(self) -> None:
         if self._server:
             self._server.shutdown()
@@ -155,6 +174,10 @@ class NullMetrics:
 
     def val_accuracy(self, dataset: str, accuracy: float) -> None:
         pass
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        yield
 
     def close(self) -> None:
         pass

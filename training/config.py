@@ -146,7 +146,8 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     """CPUs per worker."""
     max_failures: int = 3
-    """Worker-group restarts from the latest checkpoint after a fault."""
+    """Worker-group restarts from the latest checkpoint after a fault (a killed worker, a lost
+    node); a mistake a worker finds in your input (a bad label) ends the run at once."""
     start_timeout: float = field(default=600.0, metadata={"metavar": "SECONDS"})
     """Seconds each of 3 attempts to start the workers waits for their resources (CPUs, GPUs,
     a placement group); then the run ends, saying what was missing."""

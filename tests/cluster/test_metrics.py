@@ -70,6 +70,20 @@ def test_worker_start_and_an_empty_checkpoint_histogram_are_served_from_the_star
     assert before <= served["metatrainer_worker_start_time_seconds"] <= time.time()
     # "No checkpoint for an hour" needs a series that stays at 0, not one that is missing.
     assert served["metatrainer_checkpoint_seconds_count"] == 0
+    assert served["metatrainer_evaluating"] == 0
+
+
+def test_evaluating_is_1_while_a_split_is_scored_even_when_scoring_fails(served):
+    """The stalled alert stays quiet while a rank scores a split, and not after."""
+    metrics, port = served
+    with metrics.evaluating():
+        assert scrape(port)["metatrainer_evaluating"] == 1
+    assert scrape(port)["metatrainer_evaluating"] == 0
+    with pytest.raises(OSError), metrics.evaluating():
+        raise OSError("a shard could not be read")
+    assert scrape(port)["metatrainer_evaluating"] == 0
+    with NullMetrics().evaluating():  # --metrics-port 0: the same calls, nothing served
+        pass
 
 
 class Clock:

@@ -16,7 +16,7 @@ import functools
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,7 @@ class PodTemplate:
     template: dict[str, Any]
     cluster: str
     component: str  # app.kubernetes.io/component: prep, train, minio, ...
+    ray_start_params: dict[str, str] = field(default_factory=dict)  # the group's, for Ray nodes
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -187,12 +188,21 @@ def pod_templates(source: str, doc: dict[str, Any]) -> list[PodTemplate]:
     component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
     found = []
     for spec in ray_cluster_specs(doc):
-        head = spec["headGroupSpec"]["template"]
-        found.append(PodTemplate(source, "head", "headgroup", head, name, component))
+        head = spec["headGroupSpec"]
+        params = head.get("rayStartParams", {})
+        found.append(
+            PodTemplate(source, "head", "headgroup", head["template"], name, component, params)
+        )
         for group in spec.get("workerGroupSpecs", []):
             found.append(
                 PodTemplate(
-                    source, "worker", group["groupName"], group["template"], name, component
+                    source,
+                    "worker",
+                    group["groupName"],
+                    group["template"],
+                    name,
+                    component,
+                    group.get("rayStartParams", {}),
                 )
             )
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
@@ -228,6 +238,17 @@ def template_id(t: PodTemplate) -> str:
 def gpus_per_pod(template: dict[str, Any]) -> int:
     ray_container = template["spec"]["containers"][0]
     return int(ray_container.get("resources", {}).get("limits", {}).get(GPU, 0))
+
+
+QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)([KMGTPE]i?|m)?$")
+UNITS = {"": 1, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20}
+UNITS |= {"Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes quantity (`512Mi`, `2`, `500m`) as a number."""
+    number, unit = QUANTITY.match(str(text)).groups()
+    return float(number) * UNITS[unit or ""]
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:

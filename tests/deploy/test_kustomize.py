@@ -1,7 +1,7 @@
 """deploy/ is a kustomize base with overlays: every kustomization builds with `kubectl kustomize`,
-every component is used by an overlay, every overlay pins its images by digest and keeps all of
-its objects in one namespace, and the README's step-by-step `kubectl apply -k ... -l` selectors
-pick exactly the objects of each step.
+every component is used by an overlay, every overlay pins its images by digest, names its S3
+region and keeps all of its objects in one namespace, and the README's step-by-step
+`kubectl apply -k ... -l` selectors pick exactly the objects of each step.
 
     pytest tests/deploy -q
 """
@@ -23,11 +23,15 @@ from manifest_support import (
     kustomize,
     load_yaml_docs,
     needs_kubectl,
+    the_doc,
 )
 
 DIGEST = re.compile(r"^[^@:]+(:[^@]+)?@sha256:[0-9a-f]{64}$")
 CLUSTER_SCOPED = {"Namespace"}
 STEP_LABEL = "metatrainer.io/step"
+ENDPOINT_CONFIGMAP = "metatrainer-s3-endpoint"
+REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")  # pyarrow's, boto3's
+AWS_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
 
 
 @needs_kubectl
@@ -68,6 +72,33 @@ def test_overlay_pins_every_image_by_digest(build):
     assert images
     for image in images:
         assert DIGEST.match(image), f"{build}: {image} is not pinned by digest"
+
+
+def region_of(build: str) -> dict[str, str]:
+    data = the_doc(build, "ConfigMap", ENDPOINT_CONFIGMAP)["data"]
+    return {var: data.get(var) for var in REGION_VARS}
+
+
+@needs_kubectl
+def test_base_region_is_a_placeholder_no_sdk_accepts():
+    """The base names no region: were us-east-1 its default, a bucket elsewhere would fail every
+    checkpoint with a 301 (pyarrow follows no cross-region redirect) in an overlay that forgot."""
+    for var, value in region_of("base").items():
+        assert value and "REPLACE" in value and not AWS_REGION.match(value), (var, value)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
+def test_overlay_sets_the_bucket_region_for_boto3_and_pyarrow(build):
+    regions = region_of(build)
+    assert regions["AWS_REGION"] == regions["AWS_DEFAULT_REGION"], regions
+    assert AWS_REGION.match(regions["AWS_REGION"] or ""), f"{build} keeps the base's {regions}"
+
+
+def test_readme_lists_the_region_among_the_placeholders():
+    readme = (DEPLOY / "README.md").read_text()
+    step0 = readme[readme.index("## 0.") : readme.index("## 1.")]
+    assert "`REPLACE-region`" in step0 and "AWS_REGION" in step0
 
 
 @needs_kubectl

@@ -1,7 +1,8 @@
 """deploy/: the metrics wiring: every Ray container serves Ray's own metrics on 8080 (named
-`metrics`), each training worker pod one port per GPU for ours (metrics-0, ...), and
-deploy/monitoring's PodMonitor for the training metrics selects exactly the Ray workers and
-scrapes every one of those ports.
+`metrics`), each head its dashboard's on 44227 (`dash-metrics`), each training worker pod one
+port per GPU for ours (metrics-0, ...); deploy/monitoring's PodMonitor for the training metrics
+selects exactly the Ray workers and scrapes every one of those ports, the Ray one scrapes the
+heads' dashboard metrics, and the series keep what the run alerts join on.
 
     pytest tests/deploy -q
 """
@@ -28,6 +29,7 @@ from manifest_support import (
     template_id,
 )
 
+DASHBOARD_METRICS_PORT = 44227  # Ray dashboard metrics: ray.dashboard.consts.DASHBOARD_METRIC_PORT
 IANA_SVC_NAME = re.compile(r"^(?=.{1,15}$)(?=.*[a-z])[a-z0-9]+(-[a-z0-9]+)*$")
 
 
@@ -97,3 +99,62 @@ def test_podmonitor_scrapes_every_metrics_port_of_the_train_workers():
         assert set(names) == ports, template_id(t)
     for e in endpoints:
         assert (e["path"], e["interval"]) == ("/metrics", "15s")
+
+
+def ray_podmonitor() -> dict:
+    """deploy/monitoring's PodMonitor for Ray's own metrics (the one scraping `metrics`)."""
+    (monitor,) = [
+        doc
+        for doc in BUILDS["monitoring"]
+        if doc["kind"] == "PodMonitor"
+        and "metrics" in [e["port"] for e in doc["spec"]["podMetricsEndpoints"]]
+    ]
+    return monitor
+
+
+def keeps(endpoint: dict, t) -> bool:
+    """Whether the endpoint's `keep` relabelings keep a target of the pod that KubeRay creates
+    from `t` (Prometheus sees pod label ray.io/node-type as
+    __meta_kubernetes_pod_label_ray_io_node_type)."""
+    meta = {
+        "__meta_kubernetes_pod_label_" + re.sub(r"\W", "_", k): v for k, v in t.labels().items()
+    }
+    for r in endpoint.get("relabelings", []):
+        if r.get("action", "replace") == "keep":
+            value = r.get("separator", ";").join(meta.get(n, "") for n in r["sourceLabels"])
+            if not re.fullmatch(r.get("regex", "(.*)"), value):
+                return False
+    return True
+
+
+@needs_kubectl
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
+def test_heads_dashboard_metrics_are_scraped_on_the_head_only(t):
+    """Ray's dashboard runs on the head and serves its metrics on `dash-metrics`, as in KubeRay's
+    own config/prometheus/podMonitor.yaml; the Ray PodMonitor scrapes that port there."""
+    monitor = ray_podmonitor()
+    assert selects(monitor["spec"]["selector"], t.labels())
+    (endpoint,) = [e for e in monitor["spec"]["podMetricsEndpoints"] if e["port"] == "dash-metrics"]
+    if t.role == "head":
+        assert ports_of(t).get("dash-metrics") == DASHBOARD_METRICS_PORT
+    assert keeps(endpoint, t) == (t.role == "head")
+    assert (endpoint["path"], endpoint["interval"]) == ("/metrics", "15s")
+
+
+@needs_kubectl
+def test_worker_series_name_the_rayjob_that_ran_them():
+    """MetatrainerWorkersGone finds a run's RayJob from its workers' ray_io_cluster: KubeRay
+    names a RayJob's cluster <RayJob name>-<5 random characters> (utils.GenerateRayClusterName)."""
+    assert "ray.io/cluster" in worker_podmonitor()["spec"]["podTargetLabels"]
+    (rules,) = [doc for doc in BUILDS["monitoring"] if doc["kind"] == "PrometheusRule"]
+    (seen,) = [
+        r
+        for g in rules["spec"]["groups"]
+        for r in g["rules"]
+        if r.get("record") == "rayjob_run:metatrainer_workers_seen:timestamp"
+    ]
+    regex = re.search(r'"rayjob", "\$1", "ray_io_cluster", "([^"]+)"', seen["expr"]).group(1)
+    rayjobs = {t.cluster for t in TRAIN_WORKERS}
+    assert rayjobs
+    for name in rayjobs:
+        assert re.fullmatch(regex, f"{name}-x7k2p").group(1) == name

@@ -1,6 +1,8 @@
-"""deploy/monitoring/: the alert rules pass their `promtool` unit tests, the Grafana dashboard is
-valid and shows what the issue lists, every PromQL expression names only metrics the code
-exports, and the kustomization builds valid objects (the dashboard as a sidecar ConfigMap).
+"""deploy/monitoring/: the alert rules pass their `promtool` unit tests (and those tests catch the
+rule mistakes that would page for a finished run or stay silent for a dead one), the Grafana
+dashboard is valid and shows what the issue lists, every PromQL expression names only metrics
+the code, Ray or the KubeRay operator export, and the kustomization builds valid objects (the
+dashboard as a sidecar ConfigMap, a PodMonitor that finds the operator however it was installed).
 
     pytest tests/deploy/test_monitoring.py -q
 
@@ -21,7 +23,7 @@ import kubernetes_validate
 import pytest
 import test_crd_schemas as schemas  # tests/deploy's CRD validation
 import yaml
-from manifest_support import kustomize, tool
+from manifest_support import NAMESPACE, RAY_NODES, kustomize, selects, tool
 
 from cluster.metrics import TrainMetrics
 
@@ -58,17 +60,32 @@ def exported() -> set[str]:
     return {f.name + suffix for f in families for suffix in SUFFIXES[f.type]}
 
 
+# The KubeRay operator's series the rules read (KubeRay v1.7.0,
+# ray-operator/controllers/ray/metrics/ray_job_metrics.go; podmonitor-kuberay.yaml scrapes them).
+KUBERAY_METRICS = {"kuberay_job_deployment_status"}
+
+
 def unknown_metrics(expr: str, exported: set[str]) -> set[str]:
-    """Names neither ours nor Ray's own (ray_*, scraped by podmonitor-ray.yaml)."""
-    return {n for n in metric_names(expr) if n not in exported and not n.startswith("ray_")}
+    """Names neither ours, nor Ray's own (ray_*, scraped by podmonitor-ray.yaml), nor the
+    operator's, nor recorded by the rules themselves."""
+    known = exported | KUBERAY_METRICS | recorded_names()
+    return {n for n in metric_names(expr) if n not in known and not n.startswith("ray_")}
 
 
 def rule_groups() -> dict[str, Any]:
     return yaml.safe_load(RULES_FILE.read_text())["spec"]
 
 
+def all_rules() -> list[dict[str, Any]]:
+    return [r for g in rule_groups()["groups"] for r in g["rules"]]
+
+
 def alert_rules() -> list[dict[str, Any]]:
-    return [r for g in rule_groups()["groups"] for r in g["rules"] if "alert" in r]
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in all_rules() if "record" in r}
 
 
 def dashboard() -> dict[str, Any]:
@@ -117,9 +134,12 @@ def test_a_metric_the_code_does_not_export_is_caught(exported):
 
 
 def test_rules_name_only_exported_metrics(exported):
-    for rule in alert_rules():
-        assert metric_names(rule["expr"]), rule["alert"]
-        assert not unknown_metrics(rule["expr"], exported), rule["alert"]
+    for rule in all_rules():
+        name = rule.get("alert") or rule["record"]
+        assert metric_names(rule["expr"]), name
+        assert not unknown_metrics(rule["expr"], exported), name
+    # A recorded series is known only because a rule records it:
+    assert unknown_metrics("rayjob:kuberay_job_failed:timestamp", exported)
 
 
 def test_dashboard_names_only_exported_metrics(exported):
@@ -139,12 +159,23 @@ ALERTS = {
     "MetatrainerCheckpointMissing",
     "MetatrainerWorkerRestarted",
     "MetatrainerWorkersRestartingRepeatedly",
+    "MetatrainerRunErrored",
+    "MetatrainerWorkersNotStarting",
+    "MetatrainerRayJobFailed",
+    "MetatrainerWorkersGone",
+}
+# What MetatrainerWorkersGone compares: when each run's workers, and each RayJob's completion,
+# were last seen.
+RECORDS = {
+    "rayjob_run:metatrainer_workers_seen:timestamp",
+    "rayjob:kuberay_job_complete:timestamp",
 }
 
 
 def test_rules_are_the_documented_alerts_each_with_severity_and_text():
     rules = alert_rules()
     assert {r["alert"] for r in rules} == ALERTS
+    assert recorded_names() == RECORDS
     for r in rules:
         assert r["labels"]["severity"] in ("warning", "critical"), r["alert"]
         assert {"summary", "description"} <= r["annotations"].keys(), r["alert"]
@@ -166,7 +197,7 @@ def promtool(*args: str | Path) -> subprocess.CompletedProcess:
 def test_promtool_checks_the_rules(rules_dir):
     done = promtool("check", "rules", rules_dir / "metatrainer-rules.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"SUCCESS: {len(ALERTS)} rules found" in done.stdout
+    assert f"SUCCESS: {len(ALERTS) + len(RECORDS)} rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass(rules_dir):
@@ -176,15 +207,80 @@ def test_promtool_unit_tests_pass(rules_dir):
     assert tested == ALERTS  # every alert has a unit test
 
 
-def test_promtool_unit_tests_catch_a_broken_rule(rules_dir):
-    """A stalled-training alert that forgets "the workers are up" fires for a finished run."""
+def promtool_test_with(rules_dir: Path, alert: str, change) -> str:
+    """`promtool test rules` with `alert`'s expression changed by `change`; its output, after
+    checking that the unit tests failed."""
     spec = rule_groups()
-    rules = [r for g in spec["groups"] for r in g["rules"]]
-    (stalled,) = [r for r in rules if r.get("alert") == "MetatrainerTrainingStalled"]
-    stalled["expr"] = re.split(r"\s+and on ", stalled["expr"])[0]
+    (rule,) = [r for g in spec["groups"] for r in g["rules"] if r.get("alert") == alert]
+    changed = change(rule["expr"])
+    assert changed != rule["expr"], "the change must change the rule"
+    rule["expr"] = changed
     (rules_dir / "metatrainer-rules.yaml").write_text(yaml.safe_dump(spec))
     done = promtool("test", "rules", rules_dir / RULES_TEST.name)
-    assert done.returncode != 0 and 'run="done"' in done.stdout + done.stderr, done.stdout
+    assert done.returncode != 0, done.stdout
+    return done.stdout + done.stderr
+
+
+def test_promtool_unit_tests_catch_a_broken_rule(rules_dir):
+    """A stalled-training alert that forgets "the workers are up" fires for a finished run."""
+    out = promtool_test_with(
+        rules_dir, "MetatrainerTrainingStalled", lambda e: re.split(r"\s+and on ", e)[0]
+    )
+    assert 'run="done"' in out, out
+
+
+def test_a_run_in_its_final_evaluation_does_not_page(rules_dir):
+    """Without its evaluation clause, the stalled alert pages for a run scoring its test split."""
+    out = promtool_test_with(
+        rules_dir, "MetatrainerTrainingStalled", lambda e: re.split(r"\s+unless on ", e)[0]
+    )
+    assert 'run="final"' in out, out
+
+
+def test_a_run_whose_workers_vanished_pages_at_60_minutes(rules_dir):
+    """The gap of every worker-based alert: with the workers' series gone, only
+    MetatrainerWorkersGone fires; stripped of its "gone" test it never does."""
+    out = promtool_test_with(
+        rules_dir, "MetatrainerWorkersGone", lambda e: e.replace("unless", "and", 1)
+    )
+    assert "alertname: MetatrainerWorkersGone, time: 1h," in out, out
+    assert 'run="lost"' in out, out
+
+
+@pytest.mark.parametrize(
+    "forget",
+    [
+        # Without "unless its RayJob completed": pages after every finished run.
+        lambda e: re.split(r"\s+unless on \(namespace, rayjob, run\)", e)[0],
+        # "Its RayJob was Complete at some time in 6 h", not "after its workers were last seen":
+        # silent for the next run of a RayJob that once completed.
+        lambda e: e.replace(
+            "max_over_time(rayjob_run:metatrainer_workers_seen:timestamp[6h])\n  <=",
+            "0 * max_over_time(rayjob_run:metatrainer_workers_seen:timestamp[6h])\n  <=",
+        ),
+    ],
+    ids=["pages-after-a-finished-run", "silent-after-a-rayjob-reused"],
+)
+def test_workers_gone_is_quiet_exactly_for_runs_whose_rayjob_completed(rules_dir, forget):
+    out = promtool_test_with(rules_dir, "MetatrainerWorkersGone", forget)
+    assert "alertname: MetatrainerWorkersGone" in out, out
+
+
+def test_an_errored_run_seen_by_one_scrape_pages(rules_dir):
+    """ERRORED is there for one scrape before the controller exits: an alert on the state now
+    would miss it."""
+    out = promtool_test_with(
+        rules_dir,
+        "MetatrainerRunErrored",
+        lambda e: re.sub(r"max_over_time\((.*)\[30m\]\)", r"\1", e),
+    )
+    assert 'run="crashed"' in out, out
+
+
+def test_rayjob_alert_watches_the_namespace_of_deploy_base():
+    (rule,) = [r for r in alert_rules() if r["alert"] == "MetatrainerRayJobFailed"]
+    assert f'namespace="{NAMESPACE}"' in rule["expr"]
+    assert yaml.safe_load(RULES_FILE.read_text())["metadata"]["namespace"] == NAMESPACE
 
 
 # --- Grafana dashboard --------------------------------------------------------------------------
@@ -266,6 +362,7 @@ def test_kustomization_builds_the_monitoring_objects(built):
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in built)
     assert kinds == [
         ("ConfigMap", "metatrainer-grafana-dashboard"),
+        ("PodMonitor", "metatrainer-kuberay-operator"),
         ("PodMonitor", "metatrainer-ray"),
         ("PodMonitor", "metatrainer-workers"),
         ("PrometheusRule", "metatrainer"),
@@ -284,7 +381,41 @@ def test_ray_podmonitor_scrapes_rays_metrics_port_on_every_ray_pod(built):
     assert pm["spec"]["selector"] == {
         "matchLabels": {"ray.io/is-ray-node": "yes", "app.kubernetes.io/part-of": "metatrainer"}
     }
-    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics", "dash-metrics"]
+
+
+# The KubeRay operator pod's labels, as each of KubeRay v1.7.0's installs sets them: the Helm
+# chart (helm-chart/kuberay-operator/templates/deployment.yaml, release "kuberay-operator") and
+# kustomize (ray-operator/config/manager/manager.yaml).
+OPERATOR_POD_LABELS = {
+    "helm": {
+        "app.kubernetes.io/name": "kuberay-operator",
+        "app.kubernetes.io/instance": "kuberay-operator",
+        "app.kubernetes.io/component": "kuberay-operator",
+    },
+    "kustomize": {
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/component": "kuberay-operator",
+    },
+}
+
+
+@pytest.mark.parametrize("install", OPERATOR_POD_LABELS)
+def test_operator_podmonitor_finds_the_operator_however_it_was_installed(built, install):
+    (pm,) = [d for d in built if d["metadata"]["name"] == "metatrainer-kuberay-operator"]
+    # A PodMonitor selects pods in its own namespace: the operator's (deploy/README.md step 2).
+    assert pm["metadata"]["namespace"] == "kuberay-system"
+    assert "namespaceSelector" not in pm["spec"]
+    assert selects(pm["spec"]["selector"], OPERATOR_POD_LABELS[install])
+    # Nor any Ray pod: KubeRay labels those app.kubernetes.io/name: kuberay too.
+    for t in RAY_NODES:
+        assert not selects(pm["spec"]["selector"], t.labels()), t.source
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    # The operator's container port `http` serves /metrics.
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+    # The series' own namespace label (the RayJob's) must survive the scrape, or the rules'
+    # namespace="metatrainer" matches none of them.
+    assert endpoint["honorLabels"] is True
 
 
 def crd_validator(kind_plural: str):

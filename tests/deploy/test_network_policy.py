@@ -1,8 +1,9 @@
 """deploy/: the NetworkPolicies of every overlay, evaluated: a default deny, and then exactly the
-flows deploy/base/networkpolicy.yaml documents (DNS, Ray among Ray pods but never Ray Client,
-the job submitter and the KubeRay operator to the dashboard, Prometheus to the metrics ports, the
-Ray pods to S3), and nothing else: not another pod of the namespace, not another namespace, not
-the internet.
+flows deploy/base/networkpolicy.yaml documents (DNS, Ray among the Ray pods of one cluster but
+never Ray Client, the job submitter and the KubeRay operator to the dashboard, Prometheus's pods
+to the metrics ports, the Ray pods to S3, and to STS and the EKS Pod Identity agent where the
+overlay uses IRSA), and nothing else: not the other Ray cluster, not another pod of the namespace
+or of `monitoring`, not another namespace, not the internet.
 
 The evaluator follows the NetworkPolicy semantics of the Kubernetes API (policies add up; a pod
 selected by no policy of a direction is open in that direction; a connection needs the egress of
@@ -21,17 +22,26 @@ import pytest
 from manifest_support import (
     NAMESPACE,
     OVERLAY_NAMES,
+    RAY_NODES,
     TEMPLATES,
+    built,
     docs_of,
     needs_kubectl,
     selects,
+    template_id,
 )
 
 MONITORING = "monitoring"
 OPERATOR_NAMESPACE = "kuberay-system"
 S3_PLACEHOLDER = "198.51.100.7"  # inside the overlays' placeholder S3 range
+STS_PLACEHOLDER = "203.0.113.7"  # inside overlays/gpu's placeholder STS range
+POD_IDENTITY_AGENT = ("169.254.170.23", "fd00:ec2::23")  # EKS Pod Identity agent, port 80
 INTERNET = "93.184.216.34"
 RAY_CLIENT_PORT = 10001
+DASHBOARD_METRICS_PORT = 44227  # Ray's DASHBOARD_METRIC_PORT default
+# GCS, a worker process, the dashboard agent, an object manager, gloo/NCCL, the dashboard metrics.
+RAY_PORTS = (6379, 10002, 52365, 8076, 29500, DASHBOARD_METRICS_PORT)
+ROLE_ARN = "eks.amazonaws.com/role-arn"
 
 
 @dataclass(frozen=True)
@@ -121,14 +131,15 @@ def allowed(
 # --- The pods of a build, and the rest of the world -----------------------------------------------
 
 
-def pods(build: str) -> dict[str, Peer]:
-    """One Peer per role of the build's train job (and MinIO's pods where the build has them)."""
+def pods(build: str, job: str = "train") -> dict[str, Peer]:
+    """One Peer per role (head, worker, submitter) of the build's RayJob metatrainer-JOB, and
+    MinIO's pods where the build has them."""
     found: dict[str, Peer] = {}
     for t in TEMPLATES:
         if not t.source.startswith(build + ":"):
             continue
-        if t.component in ("train", "ray-job-submitter") and "metatrainer-train" in t.source:
-            found.setdefault(t.role, Peer(t.role, t.labels()))
+        if t.cluster == f"metatrainer-{job}" and t.role in ("head", "worker", "submitter"):
+            found.setdefault(t.role, Peer(f"{job} {t.role}", t.labels()))
         elif t.component in ("minio", "minio-setup"):
             found[t.component] = Peer(t.component, t.labels())
     return found
@@ -137,15 +148,33 @@ def pods(build: str) -> dict[str, Peer]:
 OUTSIDERS = {
     "same-namespace pod": Peer("stranger", {"app": "other"}),
     "other-namespace pod": Peer("other", {"app.kubernetes.io/part-of": "metatrainer"}, "other"),
-    "prometheus": Peer("prometheus", {"app.kubernetes.io/name": "prometheus"}, MONITORING),
+    "prometheus": Peer(
+        "prometheus",
+        {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/instance": "k8s"},
+        MONITORING,
+    ),
+    "other monitoring pod": Peer("grafana", {"app.kubernetes.io/name": "grafana"}, MONITORING),
+    # The labels of the operator's pod as KubeRay's Helm chart and its kustomize install set
+    # them (ray-operator/config/manager/manager.yaml: name kuberay).
     "kuberay operator": Peer(
-        "operator", {"app.kubernetes.io/name": "kuberay-operator"}, OPERATOR_NAMESPACE
+        "operator",
+        {
+            "app.kubernetes.io/name": "kuberay-operator",
+            "app.kubernetes.io/component": "kuberay-operator",
+        },
+        OPERATOR_NAMESPACE,
+    ),  # fmt: skip
+    "kuberay operator (kustomize)": Peer(
+        "operator-k",
+        {"app.kubernetes.io/name": "kuberay", "app.kubernetes.io/component": "kuberay-operator"},
+        OPERATOR_NAMESPACE,
     ),
     "allowed namespace": Peer(
         "notebook", {"app": "jupyter"}, "research", {"metatrainer.io/ray-dashboard": "allowed"}
     ),
     "kube-dns": Peer("kube-dns", {"k8s-app": "kube-dns"}, "kube-system"),
     "s3": Peer("s3", ip=S3_PLACEHOLDER),
+    "sts": Peer("sts", ip=STS_PLACEHOLDER),
     "internet": Peer("internet", ip=INTERNET),
 }
 
@@ -183,8 +212,10 @@ def test_documented_flows_are_allowed(build):
         (p["worker"], p["head"], 52365, "TCP"),  # dashboard agent
         (p["submitter"], p["head"], 8265, "TCP"),
         (o["kuberay operator"], p["head"], 8265, "TCP"),
+        (o["kuberay operator (kustomize)"], p["head"], 8265, "TCP"),
         (o["allowed namespace"], p["head"], 8265, "TCP"),
         (o["prometheus"], p["head"], 8080, "TCP"),
+        (o["prometheus"], p["head"], DASHBOARD_METRICS_PORT, "TCP"),
         (o["prometheus"], p["worker"], 8080, "TCP"),
         (o["prometheus"], p["worker"], 9100, "TCP"),
         (o["prometheus"], p["worker"], 9107, "TCP"),
@@ -220,6 +251,10 @@ def test_everything_else_is_denied(build):
         (o["allowed namespace"], p["worker"], 10002),
         (o["same-namespace pod"], p["worker"], 9100),
         (o["other-namespace pod"], p["worker"], 8080),
+        # Of the namespace monitoring, only Prometheus's pods scrape.
+        (o["other monitoring pod"], p["head"], 8080),
+        (o["other monitoring pod"], p["head"], DASHBOARD_METRICS_PORT),
+        (o["other monitoring pod"], p["worker"], 9100),
         # Nothing leaves for the internet, not even DNS elsewhere; the submitter needs no S3.
         (p["head"], o["internet"], 443),
         (p["worker"], o["internet"], 443),
@@ -227,6 +262,8 @@ def test_everything_else_is_denied(build):
         (p["submitter"], o["s3"], 443),
         (p["submitter"], p["worker"], 6379),
     ]
+    if not irsa_account(build):  # STS only where a ServiceAccount has an IAM role
+        flows += [(p["head"], o["sts"], 443), (p["worker"], o["sts"], 443)]
     if "minio" in p:
         flows += [
             (p["worker"], o["s3"], 443),
@@ -238,6 +275,80 @@ def test_everything_else_is_denied(build):
         f"{s.name} -> {d.name}:{port}" for s, d, port in flows if allowed(policies, s, d, port)
     ]
     assert not leaks, leaks
+
+
+@needs_kubectl
+@pytest.mark.parametrize("build", OVERLAY_NAMES)
+def test_each_ray_cluster_reaches_only_itself(build):
+    """The prep cluster's pods and the training cluster's talk among themselves on Ray's ports,
+    never to each other's (two RayJobs' clusters share the namespace and its labels)."""
+    policies = policies_of(build)
+    prep, train = pods(build, "prep"), pods(build, "train")
+    blocked, leaks = [], []
+    for port in RAY_PORTS:
+        for cluster in (prep, train):
+            for src, dst in [("worker", "head"), ("head", "worker"), ("worker", "worker")]:
+                if not allowed(policies, cluster[src], cluster[dst], port):
+                    blocked.append(f"{cluster[src].name} -> {cluster[dst].name}:{port}")
+        for a, b in [(prep, train), (train, prep)]:
+            for src in ("head", "worker"):
+                for dst in ("head", "worker"):
+                    if allowed(policies, a[src], b[dst], port):
+                        leaks.append(f"{a[src].name} -> {b[dst].name}:{port}")
+    assert not blocked, blocked
+    assert not leaks, leaks
+
+
+@needs_kubectl
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
+def test_prometheus_reaches_every_metrics_port(t):
+    """Every port a Ray container names for metrics (metrics, dash-metrics on the head, metrics-N
+    on a training worker) is open to Prometheus, and to no other pod of its namespace."""
+    build = t.source.split(":")[0]
+    pod = Peer(template_id(t), t.labels())
+    ports = {p["name"]: p["containerPort"] for p in t.ray_container.get("ports", [])}
+    metrics = {name: port for name, port in ports.items() if "metrics" in name}
+    assert "metrics" in metrics
+    if t.role == "head":
+        assert metrics["dash-metrics"] == DASHBOARD_METRICS_PORT
+    for name, port in metrics.items():
+        assert allowed(policies_of(build), OUTSIDERS["prometheus"], pod, port), name
+        assert not allowed(policies_of(build), OUTSIDERS["other monitoring pod"], pod, port), name
+
+
+def irsa_account(build: str) -> str | None:
+    """The name of the build's ServiceAccount with an IAM role (IRSA), if it has one."""
+    for account in docs_of(build, "ServiceAccount"):
+        if ROLE_ARN in account["metadata"].get("annotations", {}):
+            return account["metadata"]["name"]
+    return None
+
+
+@needs_kubectl
+def test_irsa_pods_reach_sts_and_the_pod_identity_agent():
+    """overlays/gpu's IAM role works: the pods of its ServiceAccount reach STS
+    (AssumeRoleWithWebIdentity) and the EKS Pod Identity agent; the submitter, which needs no AWS
+    credentials, reaches neither."""
+    build = "overlays/gpu"
+    account = irsa_account(build)
+    assert account, "overlays/gpu shows IRSA"
+    policies = policies_of(build)
+    users = [
+        t
+        for t in TEMPLATES
+        if t.source.startswith(build + ":") and t.spec.get("serviceAccountName") == account
+    ]
+    assert {t.role for t in users} == {"head", "worker"}
+    agents = [Peer("pod identity agent", ip=ip) for ip in POD_IDENTITY_AGENT]
+    for t in users:
+        pod = Peer(template_id(t), t.labels())
+        assert allowed(policies, pod, OUTSIDERS["sts"], 443), template_id(t)
+        assert not allowed(policies, pod, OUTSIDERS["sts"], 80), template_id(t)
+        for agent in agents:
+            assert allowed(policies, pod, agent, 80), (template_id(t), agent.ip)
+    submitter = pods(build)["submitter"]
+    assert not allowed(policies, submitter, OUTSIDERS["sts"], 443)
+    assert not [a.ip for a in agents if allowed(policies, submitter, a, 80)]
 
 
 @needs_kubectl

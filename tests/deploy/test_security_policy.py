@@ -29,6 +29,7 @@ from manifest_support import (
     docs_of,
     env_of,
     needs_kubectl,
+    quantity,
     ray_cluster_specs,
     template_id,
 )
@@ -40,14 +41,6 @@ RAY_CLIENT_PORT = 10001
 DASHBOARD_PORT = 8265
 # Strings that look like real credentials, whatever field they hide in.
 CREDENTIAL_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|aws_secret_access_key\s*[=:]\s*\S")
-QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)([KMGTPE]i?|m)?$")
-UNITS = {"": 1, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20}
-UNITS |= {"Gi": 2**30, "Ti": 2**40}
-
-
-def quantity(text: str | int) -> float:
-    number, unit = QUANTITY.match(str(text)).groups()
-    return float(number) * UNITS[unit or ""]
 
 
 # --- Pods: non-root, restricted -------------------------------------------------------------------

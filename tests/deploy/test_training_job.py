@@ -1,7 +1,8 @@
 """deploy/: the prep and training RayJobs of every overlay: a head that trains nothing, jobs that
 cannot hold their pods forever and clean up after themselves, a cluster with the GPUs the job
-asks for, and entrypoints (and the README's `ray job submit` examples) that the real
-`metatrainer` CLI accepts, with the backbone weights read from S3 rather than the internet.
+asks for, an object store that Ray keeps in /dev/shm on every pod, and entrypoints (and the
+README's `ray job submit` examples) that the real `metatrainer` CLI accepts, with the backbone
+weights read from S3 rather than the internet.
 
     pytest tests/deploy -q
 """
@@ -19,11 +20,15 @@ from manifest_support import (
     METRICS_BASE_PORT,
     OVERLAY_NAMES,
     OVERLAYS,
+    RAY_NODES,
+    PodTemplate,
     built,
     gpus_per_pod,
     needs_kubectl,
+    quantity,
     ray_cluster_specs,
     rayjobs,
+    template_id,
 )
 
 from training.cli.main import build_parser
@@ -120,6 +125,87 @@ def test_prep_cluster_mounts_the_images_everywhere_read_only(build):
             m for m in template["spec"]["containers"][0]["volumeMounts"] if m["mountPath"] == src
         ]
         assert mount.get("readOnly") is True
+
+
+# --- Ray's object store: in /dev/shm, as Ray 2.60 sizes and places it -----------------------------
+
+MiB, GiB = 2**20, 2**30
+# ray._private.ray_constants
+OBJECT_STORE_PROPORTION = 0.3  # DEFAULT_OBJECT_STORE_MEMORY_PROPORTION
+OBJECT_STORE_MAX = 200 * 10**9  # DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES
+SHM_THRESHOLD = 10**10  # REQUIRE_SHM_SIZE_THRESHOLD
+OBJECT_STORE_MIN = 75 * MiB  # OBJECT_STORE_MINIMUM_MEMORY_BYTES
+RUNTIME_SHM = 64 * MiB  # a container's /dev/shm without a volume there
+
+
+def default_object_store(memory: int, shm: int) -> int:
+    """Ray's object store without `object-store-memory` (resolve_object_store_memory): 30% of the
+    memory, capped at 95% of /dev/shm, but never below 10 GB."""
+    cap = min(OBJECT_STORE_MAX, max(SHM_THRESHOLD, int(shm * 0.95)))
+    return min(int(memory * OBJECT_STORE_PROPORTION), cap)
+
+
+def in_dev_shm(store: int, shm: int) -> bool:
+    """Whether Ray puts the store in /dev/shm (determine_plasma_store_config); else it falls back to
+    /tmp/ray ("This will harm performance"), or refuses to start above 10 GB."""
+    return shm >= store
+
+
+def memory_limit(container: dict) -> int:
+    return int(quantity(container.get("resources", {}).get("limits", {}).get("memory", 0)))
+
+
+def dev_shm(t: PodTemplate) -> int:
+    """The size of the pod's /dev/shm: a memory-backed emptyDir is a tmpfs of its sizeLimit, but no
+    larger than the pod's memory limit (the kubelet's rule)."""
+    volumes = {v["name"]: v for v in t.spec.get("volumes", [])}
+    for mount in t.ray_container.get("volumeMounts", []):
+        empty_dir = volumes.get(mount["name"], {}).get("emptyDir", {})
+        if mount["mountPath"] == "/dev/shm" and empty_dir.get("medium") == "Memory":
+            pod_memory = sum(memory_limit(c) for c in t.spec["containers"])
+            return min(int(quantity(empty_dir["sizeLimit"])), pod_memory)
+    return RUNTIME_SHM
+
+
+def object_store(t: PodTemplate) -> int:
+    """The store Ray 2.60 starts with on this pod. The default is computed from the memory limit,
+    the most memory Ray can see there (it takes 30% of what is free at start)."""
+    explicit = t.ray_start_params.get("object-store-memory")
+    if explicit:
+        return int(explicit)
+    return default_object_store(memory_limit(t.ray_container), dev_shm(t))
+
+
+@needs_kubectl
+@pytest.mark.parametrize("t", built(RAY_NODES), ids=template_id)
+def test_object_store_is_in_dev_shm(t):
+    """Every Ray pod keeps its object store in memory (/dev/shm), not on disk under /tmp/ray; on a
+    training worker it leaves half of /dev/shm to the DataLoader workers' tensors; and the memory
+    limit, which a full /dev/shm counts against, still leaves the processes half of it."""
+    store, shm, memory = object_store(t), dev_shm(t), memory_limit(t.ray_container)
+    assert in_dev_shm(store, shm), f"object store {store / GiB:.2f} GiB > /dev/shm {shm / GiB} GiB"
+    assert OBJECT_STORE_MIN <= store <= memory
+    if t.role == "worker" and t.component == "train":
+        assert store <= shm // 2, "no room left in /dev/shm for the DataLoader workers"
+    assert shm <= memory // 2, f"/dev/shm {shm / GiB} GiB of a {memory / GiB} GiB memory limit"
+
+
+def test_object_store_rules_are_rays(monkeypatch):
+    """default_object_store and in_dev_shm against Ray's own functions, for the sizes we use and
+    a node large enough for the 10 GB floor and the cap."""
+    utils = pytest.importorskip("ray._private.utils")
+    services = pytest.importorskip("ray._private.services")
+    common = pytest.importorskip("ray._common.utils")
+    monkeypatch.setattr(common, "get_system_memory", lambda: 512 * GiB)
+    cases = [(8 * GiB, 2 * GiB), (48 * GiB, 16 * GiB), (4 * GiB, 1 * GiB), (400 * GiB, 64 * GiB)]
+    for memory, shm in cases:
+        monkeypatch.setattr(utils, "get_shared_memory_bytes", lambda shm=shm: shm)
+        store = utils.resolve_object_store_memory(memory)
+        assert default_object_store(memory, shm) == store, (memory, shm)
+        for size in (store, shm, shm + 1):
+            if size <= SHM_THRESHOLD or size <= shm:
+                directory, _, _ = services.determine_plasma_store_config(size, "/tmp/ray")
+                assert (directory == "/dev/shm") == in_dev_shm(size, shm), (size, shm)
 
 
 def submit_commands(text: str) -> list[list[str]]:

@@ -18,7 +18,6 @@ from typing import IO
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from cluster import s3, storage
 from cluster.environ import environment
@@ -34,6 +33,7 @@ from training.model.network import WEIGHT_ENUMS, check_weights_flags, load_resne
 from training.model.transfer import check_init
 from training.model.weights import is_remote
 from training.run import progress
+from training.run.failures import FailFastTrainer, caused_by, root_cause
 from training.run.loop import train_loop_per_worker
 from training.run.quiet import QuietController
 from training.run.resume import check_run_unchanged, repair_snapshot
@@ -178,7 +178,7 @@ def run_training(
         storage.join(cfg.run.storage, cfg.run.name), lambda m: print(m, file=sys.stderr)
     )
     line, board = progress.start(progress_stream)
-    trainer = TorchTrainer(
+    trainer = FailFastTrainer(
         train_loop_per_worker,
         train_loop_config={**cfg.to_dict(), **board},
         scaling_config=ScalingConfig(
@@ -213,9 +213,9 @@ def run_training(
         with environment({START_TIMEOUT_VAR: str(cfg.cluster.start_timeout)}):
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        if _caused_by(e, "WorkerGroupStartupTimeoutError"):
+        if caused_by(e, "WorkerGroupStartupTimeoutError"):
             raise UserError(_no_workers(cfg)) from None
-        raise UserError(f"training failed: {_root_cause(e)}") from None
+        raise UserError(f"training failed: {root_cause(e)}") from None
     finally:
         if line:
             line.close()
@@ -268,34 +268,3 @@ def _no_workers(cfg: TrainConfig) -> str:
         "`ray status`); lower --workers or --cpus-per-worker/--gpus-per-worker, add nodes, or "
         "wait longer with --start-timeout"
     )
-
-
-def _caused_by(error: BaseException, name: str) -> bool:
-    """Whether an exception of class `name` is among `error`'s causes (Ray Train's own types
-    are internal: matched by name)."""
-    return any(type(e).__name__ == name for e in _causes(error))
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    stack: list[BaseException] = [error]
-    while stack:
-        e = stack.pop()
-        if e in seen:
-            continue
-        seen.append(e)
-        stack.extend(getattr(e, "worker_failures", {}).values())
-        for nested in (getattr(e, "controller_failure", None), e.__cause__, e.__context__):
-            if nested is not None:
-                stack.append(nested)
-    return seen
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first user-facing message among the workers' failures, else a short description."""
-    for e in _causes(error):
-        message = one_line(e)
-        if message is not None:
-            return message
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

@@ -237,7 +237,8 @@ class RankTrainer:
         """The validation split's accuracies after an epoch of `steps` steps in `seconds`;
         the epoch's record, which every later checkpoint keeps in its history."""
         pos, names = self.state.pos, self.names
-        val = scoring.accuracies(self._confusions("val"))
+        with self.metrics.evaluating():
+            val = scoring.accuracies(self._confusions("val"))
         for name, acc in zip(names, val, strict=True):
             if acc is not None:
                 self.metrics.val_accuracy(name, acc)
@@ -259,7 +260,8 @@ class RankTrainer:
         matrices rather than counts, from the same one pass: the report that the driver writes
         next plots them (rank 0 saves them) instead of scoring the split again."""
         cfg, pos, names = self.cfg, self.state.pos, self.names
-        confusions = self._confusions("test")
+        with self.metrics.evaluating():
+            confusions = self._confusions("test")
         test = scoring.accuracies(confusions)
         if self.world.is_main:
             save_confusions(
