@@ -26,7 +26,7 @@ from sample_log import (
 )
 
 from training.model.checkpoint import load_state
-from training.run.resume import CHECKPOINT_NAME
+from training.run.resume import SNAPSHOT_FILE
 
 EPOCHS, BATCH = 2, 4
 GLOBAL_BATCH = 2 * BATCH  # the reference's: 2 workers × BATCH
@@ -71,12 +71,15 @@ def result(root: Path, name: str) -> dict:
 
 
 def newest_segments(root: Path, name: str) -> list[dict] | None:
-    """The segments of the run's newest checkpoint (None: none yet, or still being copied)."""
+    """The segments of the checkpoint Ray Train would resume the run from: the latest one its
+    controller registered (`checkpoint_manager_snapshot.json`), not the newest directory, which
+    a group lost right after writing it never registered (None: none yet, or unreadable)."""
     run_dir = root / "runs" / name
-    names = sorted(p.name for p in run_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name))
     try:
-        return load_state(run_dir / names[-1]).position.segments
-    except Exception:  # none yet, or still being copied into place
+        snapshot = json.loads((run_dir / SNAPSHOT_FILE).read_text())
+        latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return load_state(run_dir / latest).position.segments
+    except Exception:  # none yet, or being written
         return None
 
 
