@@ -80,14 +80,7 @@ class RayNodes:
         return self._start(node)
 
     def _start(self, node: Node, head: bool = False) -> Node:
-        ports = {
-            "node-manager-port": free_port(),
-            "object-manager-port": free_port(),
-            "metrics-export-port": free_port(),
-            "dashboard-agent-listen-port": free_port(),
-            "dashboard-agent-grpc-port": free_port(),
-            "runtime-env-agent-port": free_port(),
-        }
+        ports = node_ports()
         node.ports = ports
         command = [
             RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
@@ -187,6 +180,16 @@ class RayNodes:
         for node in reversed(self.nodes):
             if node.process and node.process.poll() is None:
                 self.kill(node)
+
+
+def node_ports() -> dict[str, int]:
+    """`ray start` flags → free ports for the ports every node opens, so that several nodes
+    (and clusters) share this machine."""
+    names = (
+        "node-manager-port", "object-manager-port", "metrics-export-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+    )  # fmt: skip
+    return {name: free_port() for name in names}
 
 
 def use_token_auth() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from free_ports import free_port
-from ray_nodes import METATRAINER, RAY, descendants
+from ray_nodes import METATRAINER, RAY, descendants, node_ports
 
 from data_prep.contract import read_manifest
 
@@ -59,16 +59,7 @@ class Head:
 
     def __init__(self, root: Path, argv: list[str], env: dict[str, str]) -> None:
         self.dashboard_port = free_port()
-        ports = {
-            "port": free_port(),
-            "dashboard-port": self.dashboard_port,
-            "node-manager-port": free_port(),
-            "object-manager-port": free_port(),
-            "metrics-export-port": free_port(),
-            "dashboard-agent-listen-port": free_port(),
-            "dashboard-agent-grpc-port": free_port(),
-            "runtime-env-agent-port": free_port(),
-        }
+        ports = {"port": free_port(), "dashboard-port": self.dashboard_port, **node_ports()}
         command = [
             RAY, *argv[1:], "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
             "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20),
