@@ -205,9 +205,12 @@ class StepClock:
     def __init__(self, metrics: TrainMetrics | NullMetrics) -> None:
         self._metrics = metrics
         self._tick = self._ready = time.perf_counter()
+        self.waited = 0.0
+        """Seconds the steps since the last `restart` waited for their batches."""
 
     def restart(self) -> None:
         self._tick = time.perf_counter()
+        self.waited = 0.0
 
     def batch_ready(self) -> None:
         self._ready = time.perf_counter()
@@ -215,6 +218,7 @@ class StepClock:
     def step_done(self, samples: dict[str, int]) -> None:
         done = time.perf_counter()
         self._metrics.step(samples, done - self._ready, self._ready - self._tick)
+        self.waited += self._ready - self._tick
         self._tick = done
 
     @contextmanager

@@ -5,6 +5,7 @@ metatrainer prep ~/data/flowers /data/flowers-wds --splits train=0.9,val=0.1 --s
 RAY_ADDRESS=auto metatrainer prep /shared/flowers /shared/flowers-wds --num-shards 64
 metatrainer prep /shared/flowers s3://bucket/flowers --s3-endpoint http://minio:9000 \
     --pushgateway http://pushgateway:9091
+metatrainer prep ~/data/flowers /data/flowers-wds --mlflow http://127.0.0.1:5000
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 
 from cluster import storage
 from cluster.errors import UserError
+from cluster.tracking import DEFAULT_EXPERIMENT, resolve_uri
 from data_prep.prep import DEFAULT_SEED, prep
 from data_prep.report import metrics_pusher, summary
 from data_prep.scan import DEFAULT_MAX_PIXELS
 from data_prep.splits import DEFAULT_SPLITS, parse_size, parse_splits
+from data_prep.tracking import fail_prep_run, finish_prep_run, start_prep_run
 
 DESCRIPTION = """\
 Turn an ImageFolder directory (SRC/<class name>/<image>) into WebDataset shards
@@ -37,7 +40,12 @@ and dataset="<DST>": metatrainer_prep_success (1, or 0 after a failed run),
 metatrainer_prep_duration_seconds, metatrainer_prep_last_success_timestamp_seconds, and
 metatrainer_prep_{images,bytes,shards}_total{split}, metatrainer_prep_skipped_total{reason}.
 A failed run pushes only success=0 and its duration, so the counts still describe the last
-dataset written. A failed push is a warning, never a failed prep."""
+dataset written. A failed push is a warning, never a failed prep.
+
+With --mlflow (or MLFLOW_TRACKING_URI), the run is an MLflow run named "prep <DST's last
+part>": its flags as parameters, the counts (images, bytes, shards per split, skipped per
+reason) as metrics, the list of skipped files and the summary as artifacts. A tracking server
+that does not answer is a warning, never a failed prep."""
 
 
 def add_prep_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -126,6 +134,19 @@ def _add_where_flags(p: argparse.ArgumentParser) -> None:
         help="push the run's metrics to this Prometheus Pushgateway, e.g. "
         "http://pushgateway:9091 (default: push nothing)",
     )
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help="track the run in MLflow at this tracking URI, e.g. http://127.0.0.1:5000, or a "
+        "local directory (default: MLFLOW_TRACKING_URI; neither: nothing is tracked); needs "
+        "pip install 'metatrainer[mlflow]'",
+    )
+    p.add_argument(
+        "--mlflow-experiment",
+        default=DEFAULT_EXPERIMENT,
+        metavar="NAME",
+        help="the MLflow experiment of the run (default: %(default)s)",
+    )
 
 
 def run_prep(args: argparse.Namespace) -> int:
@@ -135,6 +156,9 @@ def run_prep(args: argparse.Namespace) -> int:
     except UserError:
         dataset = args.dst
     pusher = metrics_pusher(args.pushgateway, dataset)
+    tracker = start_prep_run(
+        resolve_uri(args.mlflow), args.mlflow_experiment, dataset, _params(args, dataset)
+    )
     try:
         manifest = prep(
             args.src,
@@ -149,9 +173,26 @@ def run_prep(args: argparse.Namespace) -> int:
             s3_timeout=args.s3_timeout,
             shared_dst=args.shared_dst,
         )
-    except BaseException:
+    except BaseException as e:
         pusher.push_failure(time.monotonic() - started)
+        fail_prep_run(tracker, time.monotonic() - started, isinstance(e, KeyboardInterrupt))
         raise
-    pusher.push_success(manifest, time.monotonic() - started)
-    print(summary(manifest, dataset))
+    seconds = time.monotonic() - started
+    pusher.push_success(manifest, seconds)
+    table = summary(manifest, dataset)
+    finish_prep_run(tracker, manifest, table, seconds)
+    print(table)
     return 0
+
+
+def _params(args: argparse.Namespace, dataset: str) -> dict[str, object]:
+    """What the prep was asked to do, as MLflow parameters."""
+    return {
+        "src": args.src,
+        "dst": dataset,
+        "splits": args.splits,
+        "seed": args.seed,
+        "shard_size": args.shard_size,
+        "num_shards": args.num_shards,
+        "max_pixels": args.max_pixels,
+    }

@@ -1,5 +1,6 @@
-"""Shared fixtures: one local Ray mini-cluster per test session, a digits ImageFolder, and a
-real S3 server (moto over HTTP on 127.0.0.1) with a fault-injecting proxy."""
+"""Shared fixtures: one local Ray mini-cluster per test session, a digits ImageFolder, a real
+S3 server (moto over HTTP on 127.0.0.1) with a fault-injecting proxy, and a real MLflow
+tracking server."""
 
 from __future__ import annotations
 
@@ -107,5 +108,16 @@ def s3_auth_server():
     from s3_moto_auth import AuthS3Server
 
     server = AuthS3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server over HTTP on 127.0.0.1 (sqlite store, served artifacts),
+    for the session; each test uses an experiment of its own."""
+    from mlflow_support import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()

@@ -177,6 +177,12 @@ class RunConfig:
     directory."""
     debug: bool = field(default=False, metadata={"flag": None})
     """Print the traceback of an error, the workers' too, not only its one line."""
+    mlflow: str | None = field(default=None, metadata={"metavar": "URI"})
+    """Track the run in MLflow at this tracking URI: http(s)://HOST:PORT of a tracking server,
+    or a local directory (default: MLFLOW_TRACKING_URI; neither: nothing is tracked); needs
+    pip install 'metatrainer[mlflow]' (`training.run.tracking`)."""
+    mlflow_experiment: str = field(default="metatrainer", metadata={"metavar": "NAME"})
+    """The MLflow experiment a new run is tracked in (a resumed run stays in its own)."""
 
 
 @dataclass

@@ -95,6 +95,8 @@ def print_outcome(outcome) -> None:
     print(f"fingerprint     {m.get('fingerprint')}")
     if outcome.report:
         print(f"report          {outcome.report} (per-class table: metatrainer report RUN)")
+    if outcome.mlflow:
+        print(f"mlflow          {outcome.mlflow}")
     urls = [u for u in m.get("metrics_urls") or [] if u]
     if urls:
         print(f"metrics         {', '.join(urls)} (served while workers run)")

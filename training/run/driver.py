@@ -1,6 +1,7 @@
 """The driver: check the inputs, build a TorchTrainer, run it, write `result.json` and the
 report (`training.run.report`: curves and confusion matrices as PNGs in RUN/report) and the
-resolved config as `RUN/config.toml` (`training.config_file`).
+resolved config as `RUN/config.toml` (`training.config_file`); with --mlflow, create (or
+continue) the run's MLflow run before training and complete it after (`training.run.tracking`).
 
     metatrainer train --data ./shards --storage ./runs --name digits --workers 2
 
@@ -10,7 +11,9 @@ checkpoints there: training resumes after the latest one instead of starting ove
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import IO
@@ -23,7 +26,8 @@ from cluster import s3, storage
 from cluster.environ import environment
 from cluster.errors import UserError, one_line
 from cluster.ray_cluster import connect
-from data_prep.contract import read_manifest
+from cluster.tracking import NullTracker, Tracker, resolve_uri
+from data_prep.contract import manifest_url, read_manifest
 from training.config import TrainConfig
 from training.config_file import CONFIG_FILE, config_toml
 from training.data import order
@@ -32,9 +36,9 @@ from training.data.mix import Mix, parse_mix
 from training.model.network import WEIGHT_ENUMS, check_weights_flags, load_resnet50
 from training.model.transfer import check_init
 from training.model.weights import is_remote
-from training.run import progress
+from training.run import progress, tracking
 from training.run.failures import FailFastTrainer, caused_by, root_cause
-from training.run.loop import train_loop_per_worker
+from training.run.loop import dataset_labels, train_loop_per_worker
 from training.run.quiet import QuietController
 from training.run.resume import check_run_unchanged, repair_snapshot
 
@@ -42,6 +46,8 @@ RESULT_FILE = "result.json"
 START_ATTEMPTS = 3
 """Attempts to start the worker group (each waiting --start-timeout) before the run ends."""
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train passes it on
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by `ray job submit` for the entrypoint: its metadata holds the job's submission id."""
 
 
 @dataclass
@@ -52,6 +58,8 @@ class TrainOutcome:
     metrics: dict
     report: str | None = None
     """Where the run's PNGs went (None: writing them failed, with a warning)."""
+    mlflow: str | None = None
+    """Where the run is tracked in MLflow (its page in the UI), with --mlflow."""
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -157,6 +165,7 @@ def resolve_locations(cfg: TrainConfig) -> None:
         cfg.model.weights = storage.normalize(cfg.model.weights)
     cfg.run.sample_log = cfg.run.sample_log and storage.normalize(cfg.run.sample_log)
     cfg.data.cache_dir = cfg.data.cache_dir and storage.normalize(cfg.data.cache_dir)
+    cfg.run.mlflow = resolve_uri(cfg.run.mlflow)  # or MLFLOW_TRACKING_URI; a path as a file: URI
 
 
 def run_training(
@@ -177,6 +186,7 @@ def run_training(
     repair_snapshot(
         storage.join(cfg.run.storage, cfg.run.name), lambda m: print(m, file=sys.stderr)
     )
+    tracker = tracking.start_run(cfg, _run_tags(cfg) if cfg.run.mlflow else {})
     line, board = progress.start(progress_stream)
     trainer = FailFastTrainer(
         train_loop_per_worker,
@@ -209,9 +219,21 @@ def run_training(
         ),
     )
     try:
+        result = _fit(trainer, cfg, line)
+    except BaseException as e:
+        tracking.end_run(tracker, cfg, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return _finish(cfg, result, tracker)
+
+
+def _fit(
+    trainer: FailFastTrainer, cfg: TrainConfig, line: progress.Line | None
+) -> ray.train.Result:
+    """trainer.fit(), its failures as one line; the progress line closed either way."""
+    try:
         # Read by Ray Train's controller, to which fit() passes this from the driver's environment.
         with environment({START_TIMEOUT_VAR: str(cfg.cluster.start_timeout)}):
-            result = trainer.fit()
+            return trainer.fit()
     except ray.train.TrainingFailedError as e:
         if caused_by(e, "WorkerGroupStartupTimeoutError"):
             raise UserError(_no_workers(cfg)) from None
@@ -219,19 +241,48 @@ def run_training(
     finally:
         if line:
             line.close()
+
+
+def _finish(
+    cfg: TrainConfig, result: ray.train.Result, tracker: Tracker | NullTracker
+) -> TrainOutcome:
+    """After training: result.json, RUN/config.toml, the report, and the MLflow run's end."""
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     metrics = dict(result.metrics or {})
-    document = {"config": cfg.to_dict(), **metrics}
+    document = (json.dumps({"config": cfg.to_dict(), **metrics}, indent=2) + "\n").encode()
     result_file = storage.join(run_dir, RESULT_FILE)
-    storage.write_bytes(result_file, (json.dumps(document, indent=2) + "\n").encode())
+    storage.write_bytes(result_file, document)
     # `metatrainer train --config RUN/config.toml --name NEW` reruns it.
-    storage.write_bytes(storage.join(run_dir, CONFIG_FILE), config_toml(cfg).encode())
+    toml = config_toml(cfg).encode()
+    storage.write_bytes(storage.join(run_dir, CONFIG_FILE), toml)
     checkpoint = (
         storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
         if result.checkpoint
         else None
     )
-    return TrainOutcome(run_dir, result_file, checkpoint, metrics, _write_report(run_dir))
+    report = _write_report(run_dir)
+    tracking.finish_run(tracker, cfg, metrics, {RESULT_FILE: document, CONFIG_FILE: toml})
+    return TrainOutcome(run_dir, result_file, checkpoint, metrics, report, tracker.link())
+
+
+def _run_tags(cfg: TrainConfig) -> dict[str, str | None]:
+    """What the MLflow run is tagged with from the start: where the run lives, each
+    dataset's manifest.json (its sha256, as `sha256sum` prints it) and the Ray job."""
+    labels = dataset_labels(cfg.data.datasets)
+    manifests = {
+        f"manifest_sha256/{label}": hashlib.sha256(storage.read_bytes(manifest_url(d))).hexdigest()
+        for label, d in zip(labels, cfg.data.datasets, strict=True)
+    }
+    try:
+        submission = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}")["metadata"]
+    except (ValueError, KeyError, TypeError):
+        submission = {}
+    return {
+        "run_dir": storage.join(cfg.run.storage, cfg.run.name),
+        **manifests,
+        "ray.job_id": ray.get_runtime_context().get_job_id(),
+        "ray.job_submission_id": submission.get("job_submission_id"),
+    }
 
 
 def _write_report(run_dir: str) -> str | None:

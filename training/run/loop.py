@@ -8,7 +8,8 @@ each dataset's share of the global batch as `--mix` splits it (images, or their 
 features), `training.model.step.train_step`, and every --checkpoint-every-steps steps a
 checkpoint (a typed `TrainState`); after the steps validation, after the last epoch the test
 split, and the epoch's checkpoint. Every rank calls `ray.train.report` (it is a barrier);
-rank 0 attaches the checkpoint files.
+rank 0 attaches the checkpoint files, and with --mlflow logs the losses and each epoch's
+results to the run's MLflow run (`training.run.tracking`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from cluster import s3, storage
 from cluster.environ import CACHE_DIR_VAR
 from cluster.metrics import NullMetrics, StepClock, TrainMetrics, serve_metrics
+from cluster.tracking import NullTracker, Tracker
 from cluster.world import World
 from data_prep.contract import read_manifest
 from training.config import TrainConfig
@@ -38,7 +40,7 @@ from training.model.checkpoint import Position, TrainState, save_state
 from training.model.loss import MetaLoss
 from training.model.network import MetaModel, state_fingerprint
 from training.model.step import LossSums, heads_step, prepare_compute, train_step
-from training.run import progress, scoring
+from training.run import progress, scoring, tracking
 from training.run.evaluate import REPORT_DIR, TEST_CONFUSIONS, save_confusions
 from training.run.quiet import quiet_worker_logs
 from training.run.rank_data import TrainData, build_loaders
@@ -103,13 +105,17 @@ def _train(
     torch.manual_seed(cfg.optim.seed + world.rank)
     restore(state, world, say)
     state.pos.start_segment(world.world_size)
+    # Rank 0 logs to the run's MLflow run (--mlflow); steps it holds already are not logged.
+    tracker = tracking.rank_tracker(cfg, world, state.backbone_sha)
     forward = _prepare_model(state.model, cfg, device)
     urls = _gather(metrics.url, world)
     data = build_loaders(cfg, world, state, device, say)
-    trainer = RankTrainer(state, world, forward, data, metrics, poster, device)
+    trainer = RankTrainer(state, world, forward, data, metrics, poster, device, tracker)
     while state.pos.epoch < cfg.optim.epochs:
         steps, seconds = trainer.train_epoch()
         record = trainer.validate(steps, seconds)
+        wait_share = trainer.clock.waited / seconds if seconds > 0 else 0.0
+        tracker.metrics(tracking.epoch_metrics(record, wait_share), state.pos.step)
         state.pos = state.pos.next_epoch(dict(record))
         if state.pos.epoch == cfg.optim.epochs:
             # The last report carries the final results: Ray keeps a run's metrics with its
@@ -145,11 +151,12 @@ class RankTrainer:
         metrics: TrainMetrics | NullMetrics,
         poster: progress.Poster,
         device: torch.device,
+        tracker: Tracker | NullTracker,
     ) -> None:
         cfg = state.cfg
         self.cfg, self.state, self.world, self.data, self.device = cfg, state, world, data, device
         self.forward, self.heads_only = forward, state.model.heads_only()
-        self.metrics, self.poster = metrics, poster
+        self.metrics, self.poster, self.tracker = metrics, poster, tracker
         self.loss_fn = MetaLoss(cfg.model.meta_lambda)
         self.names = dataset_labels(cfg.data.datasets)
         self.log = _sample_log(cfg, world, state.pos)
@@ -223,6 +230,9 @@ class RankTrainer:
             self.state.pos.add_losses(totals)
             self.metrics.losses(*(v / steps for v in totals))
             self.loss = totals[0] / steps
+            lr = self.state.optimizer.param_groups[0]["lr"]
+            means = tracking.step_metrics([v / steps for v in totals], lr)
+            self.tracker.metrics(means, self.state.pos.step)
 
     def checkpoint(self, record: dict) -> None:
         """Every rank reports (it is a barrier); only rank 0 writes and attaches the files.

@@ -55,13 +55,15 @@ IDENTITY_FIELDS = frozenset({
 # and --name are where the run is found (a run copied elsewhere resumes there);
 # --weights-sha256 only checks the file, the backbone is compared by its fingerprint
 # (`check_resumable`); StepLR counts epochs from the run's start, so a raised --epochs
-# continues the same schedule.
+# continues the same schedule. --mlflow and --mlflow-experiment say where the run is tracked:
+# a resume continues its MLflow run there (`training.run.tracking`).
 APPLIED_FIELDS = frozenset({
     "storage", "name", "weights_sha256", "epochs", "batch_size", "global_batch",
     "workers", "min_workers", "resize_check", "gpus_per_worker", "cpus_per_worker",
     "loader_workers", "max_failures", "start_timeout", "checkpoint_every_steps",
     "keep_checkpoints", "decode", "compile", "feature_cache", "log_every", "sample_log",
     "debug", "metrics_port", "s3_endpoint", "s3_timeout", "cache_dir", "cache_size",
+    "mlflow", "mlflow_experiment",
 })  # fmt: skip
 """Fields a resumed run takes as given now: they apply from the resume point on."""
 
