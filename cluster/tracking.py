@@ -69,6 +69,12 @@ def resolve_uri(uri: str | None) -> str | None:
             f"--mlflow {shown(uri)!r}: not a tracking URI MLflow takes; give http(s)://HOST:PORT "
             "of a tracking server, a file: URI or a local directory"
         )
+    if urlparse(uri).username or urlparse(uri).password:
+        # The URI is kept with the run (its config, MLflow's parameters): never a secret.
+        raise UserError(
+            f"--mlflow {shown(uri)}: put the credentials in MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), not in the URI"
+        )
     if not _installed("mlflow"):
         raise UserError(f"--mlflow {shown(uri)} needs the MLflow client: {INSTALL}")
     return uri

@@ -1,9 +1,13 @@
 """A real MLflow tracking server for the tests: `mlflow server` on 127.0.0.1 at a free port,
 its runs in a sqlite file and its artifacts served from a directory (`--artifacts-destination`),
-as README's "Tracking runs in MLflow" starts one. Read back with `client()`."""
+as README's "Tracking runs in MLflow" starts one. Read back with `client()`.
+
+The server is the full `mlflow` package, in a venv of its own (.ci/run makes .venv-mlflow), as a
+team runs theirs; the project's venv has the client users install (`metatrainer[mlflow]`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -14,9 +18,26 @@ from pathlib import Path
 from typing import Any
 
 from free_ports import free_port
+from tool_support import missing_tool
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_VENV = REPO / ".venv-mlflow"
 
 START_SECONDS = 120.0
 """A first start creates the sqlite schema: tens of seconds on a busy 2-core machine."""
+
+
+def server_command() -> list[str]:
+    """`mlflow` with its server: .venv-mlflow's, else this venv's when it has the full package."""
+    if (SERVER_VENV / "bin" / "mlflow").exists():
+        return [str(SERVER_VENV / "bin" / "mlflow")]
+    if importlib.util.find_spec("flask") and importlib.util.find_spec("sqlalchemy"):
+        return [sys.executable, "-m", "mlflow"]
+    missing_tool(
+        "no MLflow tracking server: python3.11 -m venv .venv-mlflow && "
+        ".venv-mlflow/bin/pip install mlflow"
+    )
+    raise AssertionError("unreachable")
 
 
 class MlflowServer:
@@ -26,7 +47,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
         command = [
-            sys.executable, "-m", "mlflow", "server",
+            *server_command(), "server",
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
             "--artifacts-destination", str(root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",

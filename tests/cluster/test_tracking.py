@@ -24,6 +24,10 @@ def test_a_uri_is_checked_before_any_work(monkeypatch, tmp_path: Path, capsys) -
     assert resolve_uri(str(tmp_path / "mlruns")) == (tmp_path / "mlruns").as_uri()
     with pytest.raises(UserError, match="not a tracking URI MLflow takes"):
         resolve_uri("ftp://user:secret@tracking/")
+    # A password in the URI would be kept in the run's config and MLflow's parameters.
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_USERNAME") as e:
+        resolve_uri("https://me:hunter2@tracking:5000")
+    assert "hunter2" not in str(e.value)
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
     with pytest.raises(UserError) as e:
         resolve_uri("http://tracking:5000")

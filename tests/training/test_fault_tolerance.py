@@ -22,6 +22,7 @@ import pytest
 import sample_log
 from reference_run import AUGMENTED_RUN, REFERENCE_RUN
 from sample_log import trained_history, wait_for
+from train_workers import worker_pids
 
 from data_prep.contract import read_manifest
 from training.config import TrainConfig
@@ -55,18 +56,6 @@ def reference(reference_run):
     """The session's uninterrupted run (conftest.py): its result and what each rank trained."""
     result, run_dir, log = reference_run
     return result, trained_history(str(log)), run_dir
-
-
-def worker_pids() -> list[int]:
-    import ray
-    from ray.util.state import list_actors
-
-    # Name this cluster: other Ray clusters may run on the machine (the state API refuses to
-    # guess between them).
-    address = ray.get_runtime_context().gcs_address
-    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
-    actors = list_actors(address=address, filters=filters)
-    return [a.pid for a in actors if a.pid]
 
 
 def test_killed_workers_change_nothing(shards, config, reference, tmp_path, capfd):

@@ -1,18 +1,22 @@
 """`metatrainer train --mlflow URI` against a real tracking server (`training.run.tracking`):
-a training run is one MLflow run, continued by a resume without a step logged twice; a server
-that stops mid-run costs one warning line and no training; without --mlflow, mlflow is never
-imported."""
+a training run is one MLflow run, continued by a resume (a worker killed in it) without a step
+logged twice; a server that stops mid-run costs one warning line and no training; without
+--mlflow, mlflow is never imported."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from mlflow_support import MlflowServer
+from train_workers import worker_pids
 
 from training.run.driver import run_training
 from training.run.tracking import MLFLOW_FILE
@@ -23,7 +27,7 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def test_a_run_is_one_mlflow_run_and_its_resume_continues_it(
-    shards, small_config, mlflow_server, tmp_path: Path
+    shards, small_config, mlflow_server, tmp_path: Path, capfd
 ) -> None:
     cfg = small_config(
         shards, tmp_path / "runs", name="tracked", epochs=2, log_every=2,
@@ -66,16 +70,41 @@ def test_a_run_is_one_mlflow_run_and_its_resume_continues_it(
     pngs = {a.path for a in client.list_artifacts(run_id, "report")}
     assert pngs and all(p.endswith(".png") for p in pngs)
 
-    # The same --storage and --name, trained on: the same MLflow run, no step twice.
-    run_training(cfg.replace(epochs=3))
-    [again] = mlflow_server.runs("train")
-    assert again.info.run_id == run_id and again.info.status == "FINISHED"
-    assert len(_history(client, run_id, "val_accuracy")) == 3
-    assert again.data.params["optim.epochs"] == "2"
-    assert again.data.tags["resumed.optim.epochs"] == "3"
-    for key in again.data.metrics:
+    # The same --storage and --name, trained on (a resume), with a worker killed in its
+    # epoch: Ray restarts the group from its last checkpoint, and rank 0 trains steps it
+    # logged again. One MLflow run, each step once.
+    done: dict = {}
+    # The image path (no feature cache) makes an epoch last long enough to kill a worker in.
+    again = cfg.replace(epochs=4, max_failures=2, checkpoint_every_steps=4, feature_cache="off")
+    capfd.readouterr()
+    run = threading.Thread(target=lambda: done.update(outcome=run_training(again)))
+    run.start()
+    killed, deadline = False, time.monotonic() + 300
+    while run.is_alive() and time.monotonic() < deadline and not killed:
+        logged = [s for s, _ in _history(client, run_id, "loss")]
+        pids = worker_pids() if max(logged) > result["step"] else []  # in epoch 3
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    run.join()
+    assert killed, "the resume finished before the kill"
+    out, err = capfd.readouterr()
+    # The resume, then the restart after the kill, each from a checkpoint.
+    assert len(re.findall(r"resuming tracked at epoch \d+", out + err)) >= 2, out + err
+    resumed = json.loads(Path(done["outcome"].result_file).read_text())
+    [tracked] = mlflow_server.runs("train")
+    assert tracked.info.run_id == run_id and tracked.info.status == "FINISHED"
+    val = _history(client, run_id, "val_accuracy")
+    assert [v for _, v in val] == [r["val_accuracy"] for r in resumed["history"]]
+    assert len(val) == 4
+    assert tracked.data.params["optim.epochs"] == "2"
+    assert tracked.data.tags["resumed.optim.epochs"] == "4"
+    for key in tracked.data.metrics:
         steps = [s for s, _ in _history(client, run_id, key)]
         assert len(steps) == len(set(steps)), key
+    loss = {s for s, _ in _history(client, run_id, "loss")}
+    assert set(range(2, resumed["step"] + 1, 2)) <= loss
 
 
 def test_a_server_that_stops_mid_run_is_one_warning(

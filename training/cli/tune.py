@@ -34,6 +34,7 @@ from data_prep.contract import read_manifest
 from training.cli.search_space import FORMS, SEARCHED, adapter_stages, parse_space, spec_values
 from training.cli.tune_table import METRIC, TuneOutcome, print_table, table_csv, trial_row
 from training.config import TrainConfig
+from training.run import tracking
 
 """What ASHA ranks trials by: the mean validation accuracy of an epoch's report."""
 TUNE_DIR = "tune"
@@ -68,6 +69,7 @@ def run_trial(config: dict) -> None:
     when Tune restarts the trial, so its training resumes from its own checkpoints."""
     from ray import tune
 
+    from training.cli.tune_tracking import trial_tags
     from training.run.driver import run_training
 
     trial_id = tune.get_context().get_trial_id()
@@ -80,7 +82,9 @@ def run_trial(config: dict) -> None:
     if cfg.run.sample_log:
         # Trials train at once, and each rank appends to its own file: a directory a trial.
         cfg.run.sample_log = storage.join(cfg.run.sample_log, trial_id)
-    run_training(cfg, callbacks=[_reporter()])
+    # With --mlflow, the trial's MLflow run is a child of the search's.
+    tags = trial_tags(cfg.run.storage, cfg.run.mlflow)
+    run_training(cfg, callbacks=[_reporter()], mlflow_tags=tags)
 
 
 def _trial_index(trial_id: str) -> int:
@@ -104,12 +108,11 @@ def run_tune(
     address: str | None = None,
 ) -> TuneOutcome:
     """Search, or restore the search RUNS/NAME; write and return the table of its trials."""
-    import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from cluster.ray_cluster import connect
-    from training.run.driver import resolve_locations
+    from training.cli.tune_tracking import finish_search, start_search
+    from training.run.driver import resolve_locations, run_tags
 
     if trials < 1:
         raise UserError(f"--trials must be at least 1, not {trials}")
@@ -128,49 +131,86 @@ def run_tune(
     _record_search(run_dir, {**spec, "train": _settings(base)}, restoring)
 
     connect(address)
-    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    # With --mlflow, the search is an MLflow run, and each trial a child run of it.
+    tracker = start_search(cfg, spec, run_tags(cfg) if cfg.run.mlflow else {})
     if restoring:
         print(f"restoring the search {run_dir}: finished trials stay finished", flush=True)
-        tuner = tune.Tuner.restore(
-            experiment,
+    tuner = _tuner(base, space, (path, filesystem), restoring, (trials, max_concurrent))
+    try:
+        grid = tuner.fit()
+    except BaseException as e:
+        tracking.end_run(tracker, cfg, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    outcome = _outcome(grid, run_dir, cfg.optim.epochs, tracker.link())
+    files = {
+        TABLE_FILE: storage.read_bytes(outcome.table_file),
+        SPEC_FILE: storage.read_bytes(storage.join(run_dir, SPEC_FILE)),
+    }
+    finish_search(tracker, run_dir, outcome, cfg.optim.epochs, files)
+    rows = outcome.rows
+    if outcome.best is None and rows and all(r.status == "ERROR" for r in rows):
+        raise UserError(
+            f"every trial failed; the first: {rows[0].error} (table: {outcome.table_file})"
+        )
+    return outcome
+
+
+def _tuner(
+    base: TrainConfig,
+    space: dict,
+    where: tuple[str, Any],
+    restoring: bool,
+    limits: tuple[int, int | None],
+):
+    """A new search of `limits` (trials, at most how many at once) over `space` under `where`
+    (Ray's storage path and filesystem of RUNS/NAME), or the search there restored."""
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    (path, filesystem), (trials, max_concurrent) = where, limits
+    trainable = tune.with_resources(run_trial, {"CPU": TRIAL_CPU})
+    if restoring:
+        return tune.Tuner.restore(
+            f"{path.rstrip('/')}/{TUNE_DIR}",
             trainable,
             resume_unfinished=True,
             resume_errored=True,
             storage_filesystem=filesystem,
         )
-    else:
-        fits = _trials_that_fit(ray.cluster_resources(), cfg)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"base": base.to_dict(), **space},
-            tune_config=tune.TuneConfig(
-                num_samples=trials,
-                scheduler=_scheduler(cfg.optim.epochs),
-                # Seeded: the same flags draw the same trials.
-                search_alg=BasicVariantGenerator(
-                    max_concurrent=max_concurrent or fits, random_state=cfg.optim.seed
-                ),
-                trial_dirname_creator=_trial_dirname,
+    fits = _trials_that_fit(ray.cluster_resources(), base)
+    return tune.Tuner(
+        trainable,
+        param_space={"base": base.to_dict(), **space},
+        tune_config=tune.TuneConfig(
+            num_samples=trials,
+            scheduler=_scheduler(base.optim.epochs),
+            # Seeded: the same flags draw the same trials.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=max_concurrent or fits, random_state=base.optim.seed
             ),
-            run_config=tune.RunConfig(
-                name=TUNE_DIR,
-                storage_path=path,
-                storage_filesystem=filesystem,
-                verbose=1 if cfg.run.debug else 0,  # the workers print a line per epoch
-            ),
-        )
-    grid = tuner.fit()
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            verbose=1 if base.run.debug else 0,  # the workers print a line per epoch
+        ),
+    )
+
+
+def _outcome(grid, run_dir: str, epochs: int, mlflow: str | None) -> TuneOutcome:
+    """The search's trials, a row each, written to RUNS/NAME/trials.csv, and the best."""
     # A Result has no status, and its `done` is not kept across a restore: Tune's trials say.
     statuses = {t.trial_id: t.status for t in grid._experiment_analysis.trials}
-    rows = [trial_row(result, statuses, run_dir, cfg.optim.epochs) for result in grid]
+    rows = [trial_row(result, statuses, run_dir, epochs) for result in grid]
     rows.sort(key=lambda r: r.trial)
     table_file = storage.join(run_dir, TABLE_FILE)
     storage.write_bytes(table_file, table_csv(rows).encode())
     finished = [r for r in rows if r.best_val_accuracy is not None and r.status != "ERROR"]
     best = max(finished, key=lambda r: r.best_val_accuracy or 0.0, default=None)
-    if best is None and rows and all(r.status == "ERROR" for r in rows):
-        raise UserError(f"every trial failed; the first: {rows[0].error} (table: {table_file})")
-    return TuneOutcome(rows, table_file, best)
+    return TuneOutcome(rows, table_file, best, mlflow)
 
 
 def _check_inputs(cfg: TrainConfig) -> None:

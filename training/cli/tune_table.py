@@ -32,6 +32,8 @@ class TuneOutcome:
     rows: list[TrialRow]
     table_file: str
     best: TrialRow | None
+    mlflow: str | None = None
+    """The search's MLflow run (its page in the UI), with --mlflow."""
 
 
 def trial_row(result, statuses: dict[str, str], run_dir: str, epochs: int) -> TrialRow:
@@ -95,3 +97,5 @@ def print_table(outcome: TuneOutcome) -> None:
         print(f"best run        {outcome.best.run_dir}")
     else:
         print("best run        none yet (no trial has finished an epoch)")
+    if outcome.mlflow:
+        print(f"mlflow          {outcome.mlflow}")

@@ -173,9 +173,11 @@ def run_training(
     address: str | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
     progress_stream: IO[str] | None = None,
+    mlflow_tags: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Train; `callbacks` join the run's (`metatrainer tune` passes Tune's reporter); a live
-    progress line goes to `progress_stream` when it is a terminal (`training.run.progress`)."""
+    progress line goes to `progress_stream` when it is a terminal (`training.run.progress`);
+    `mlflow_tags` join the MLflow run's (a trial's: its parent run, the search's)."""
     resolve_locations(cfg)
     preflight(cfg)
     if cfg.cluster.min_workers is not None and cfg.cluster.min_workers < cfg.cluster.workers:
@@ -186,7 +188,9 @@ def run_training(
     repair_snapshot(
         storage.join(cfg.run.storage, cfg.run.name), lambda m: print(m, file=sys.stderr)
     )
-    tracker = tracking.start_run(cfg, _run_tags(cfg) if cfg.run.mlflow else {})
+    tracker = tracking.start_run(
+        cfg, {**run_tags(cfg), **(mlflow_tags or {})} if cfg.run.mlflow else {}
+    )
     line, board = progress.start(progress_stream)
     trainer = FailFastTrainer(
         train_loop_per_worker,
@@ -265,7 +269,7 @@ def _finish(
     return TrainOutcome(run_dir, result_file, checkpoint, metrics, report, tracker.link())
 
 
-def _run_tags(cfg: TrainConfig) -> dict[str, str | None]:
+def run_tags(cfg: TrainConfig) -> dict[str, str | None]:
     """What the MLflow run is tagged with from the start: where the run lives, each
     dataset's manifest.json (its sha256, as `sha256sum` prints it) and the Ray job."""
     labels = dataset_labels(cfg.data.datasets)

@@ -52,7 +52,7 @@ def start_run(cfg: TrainConfig, tags: dict[str, Any]) -> Tracker | NullTracker:
     if uri is None:
         return NullTracker()
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
-    saved = _read_record(run_dir)
+    saved = read_record(run_dir)
     tracker: Tracker | NullTracker | None = None
     if saved.get("uri") == uri and saved.get("run_id"):
         tracker = continue_run(uri, saved["run_id"], WHAT)
@@ -80,7 +80,7 @@ def rank_tracker(cfg: TrainConfig, world: World, backbone_sha: str) -> Tracker |
     if not world.is_main or cfg.run.mlflow is None:
         return NullTracker()
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
-    record = _read_record(run_dir)
+    record = read_record(run_dir)
     if record.get("uri") != cfg.run.mlflow or not record.get("run_id") or "failed" in record:
         return NullTracker()
     # A worker's stderr reaches the driver's console through Ray.
@@ -122,7 +122,7 @@ def finish_run(
     run's files (`files`, and RUN/report's PNGs under `report/`); the run FINISHED. Silent
     when rank 0 found the server gone (RUN/mlflow.json says so)."""
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
-    if not isinstance(tracker, Tracker) or "failed" in _read_record(run_dir):
+    if not isinstance(tracker, Tracker) or "failed" in read_record(run_dir):
         return
     per_dataset = metrics.get("test_accuracy_per_dataset") or {}
     tracker.metrics(
@@ -142,7 +142,7 @@ def end_run(tracker: Tracker | NullTracker, cfg: TrainConfig, status: str) -> No
     """The driver, when training did not finish: the run FAILED or KILLED (silent when rank
     0 found the server gone)."""
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
-    if isinstance(tracker, Tracker) and "failed" not in _read_record(run_dir):
+    if isinstance(tracker, Tracker) and "failed" not in read_record(run_dir):
         tracker.end(status)
 
 
@@ -157,7 +157,7 @@ def _report_pngs(run_dir: str) -> dict[str, bytes]:
         return {}
 
 
-def _read_record(run_dir: str) -> dict:
+def read_record(run_dir: str) -> dict:
     try:
         record = json.loads(storage.read_bytes(storage.join(run_dir, MLFLOW_FILE)))
     except Exception:  # noqa: BLE001  (none, or unreadable: a new MLflow run)
