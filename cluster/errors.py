@@ -7,6 +7,15 @@ class UserError(Exception):
     """Bad input or environment. The message says what is wrong and what to do about it."""
 
 
+class Stopped(Exception):
+    """A training stopped at a checkpoint on request (SIGUSR1, `training.run.stop`): not an
+    error, not done. The message says where; the CLI exits with `STOPPED_EXIT`."""
+
+
+STOPPED_EXIT = 75
+"""EX_TEMPFAIL (sysexits.h): not done yet, run it again; SLURM shows it as the job's ExitCode."""
+
+
 def one_line(error: BaseException) -> str | None:
     """The message of a UserError as the user should read it; None for any other exception.
 

@@ -161,17 +161,7 @@ class RayNodes:
     def kill(self, node: Node) -> None:
         """SIGKILL the node's `ray start` process and every process below it."""
         assert node.process is not None
-        pids = [node.process.pid, *descendants(node.process.pid)]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(node.process.pid, signal.SIGKILL)  # anything forked since
-        except ProcessLookupError:
-            pass
-        node.process.wait()
+        kill_tree(node.process)
 
     def restart(self, node: Node) -> Node:
         return self._start(node)
@@ -204,6 +194,21 @@ def use_token_auth() -> None:
     from ray._raylet import Config
 
     Config.initialize("")
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL `process` and every process below it (started in a session of its own), and
+    reap it."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # anything forked since
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
 
 
 def descendants(pid: int) -> list[int]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from free_ports import free_port
-from ray_nodes import METATRAINER, RAY, descendants, node_ports
+from ray_nodes import METATRAINER, RAY, kill_tree, node_ports
 
 from data_prep.contract import read_manifest
 
@@ -88,12 +88,7 @@ class Head:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        for pid in [*reversed(descendants(self.process.pid)), self.process.pid]:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-        self.process.wait(timeout=30)
+        kill_tree(self.process)
 
 
 def fill_in(line: str, values: dict[str, str]) -> list[str]:

@@ -18,7 +18,7 @@ import argparse
 import sys
 import traceback
 
-from cluster.errors import UserError, one_line
+from cluster.errors import STOPPED_EXIT, Stopped, UserError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"metatrainer {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"metatrainer {args.command}: {e}", file=sys.stderr)
+        return STOPPED_EXIT
     except KeyboardInterrupt:
         print(f"metatrainer {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -73,6 +73,9 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training.run import stop
+
+    stop.catch_early()  # a SIGUSR1 before training starts is kept, not fatal
     from training.run.driver import run_training
 
     outcome = run_training(

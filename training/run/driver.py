@@ -24,7 +24,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 
 from cluster import s3, storage
 from cluster.environ import environment
-from cluster.errors import UserError, one_line
+from cluster.errors import Stopped, UserError, one_line
 from cluster.ray_cluster import connect
 from cluster.tracking import NullTracker, Tracker, resolve_uri
 from data_prep.contract import manifest_url, read_manifest
@@ -36,7 +36,7 @@ from training.data.mix import Mix, parse_mix
 from training.model.network import WEIGHT_ENUMS, check_weights_flags, load_resnet50
 from training.model.transfer import check_init
 from training.model.weights import is_remote
-from training.run import progress, tracking
+from training.run import progress, stop, tracking
 from training.run.failures import FailFastTrainer, caused_by, root_cause
 from training.run.loop import dataset_labels, train_loop_per_worker
 from training.run.quiet import QuietController
@@ -188,6 +188,7 @@ def run_training(
     repair_snapshot(
         storage.join(cfg.run.storage, cfg.run.name), lambda m: print(m, file=sys.stderr)
     )
+    stop.listen(cfg)  # SIGUSR1: a checkpoint, then a clean stop
     tracker = tracking.start_run(
         cfg, {**run_tags(cfg), **(mlflow_tags or {})} if cfg.run.mlflow else {}
     )
@@ -253,17 +254,20 @@ def _finish(
     """After training: result.json, RUN/config.toml, the report, and the MLflow run's end."""
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     metrics = dict(result.metrics or {})
+    checkpoint = (
+        storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+        if result.checkpoint
+        else None
+    )
+    if metrics.get(stop.STOPPED):
+        tracking.end_run(tracker, cfg, "KILLED")
+        raise Stopped(stop.stopped_line(cfg, metrics, checkpoint))
     document = (json.dumps({"config": cfg.to_dict(), **metrics}, indent=2) + "\n").encode()
     result_file = storage.join(run_dir, RESULT_FILE)
     storage.write_bytes(result_file, document)
     # `metatrainer train --config RUN/config.toml --name NEW` reruns it.
     toml = config_toml(cfg).encode()
     storage.write_bytes(storage.join(run_dir, CONFIG_FILE), toml)
-    checkpoint = (
-        storage.join(run_dir, result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
-        if result.checkpoint
-        else None
-    )
     report = _write_report(run_dir)
     tracking.finish_run(tracker, cfg, metrics, {RESULT_FILE: document, CONFIG_FILE: toml})
     return TrainOutcome(run_dir, result_file, checkpoint, metrics, report, tracker.link())

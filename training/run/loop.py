@@ -40,7 +40,7 @@ from training.model.checkpoint import Position, TrainState, save_state
 from training.model.loss import MetaLoss
 from training.model.network import MetaModel, state_fingerprint
 from training.model.step import LossSums, heads_step, prepare_compute, train_step
-from training.run import progress, scoring, tracking
+from training.run import progress, scoring, stop, tracking
 from training.run.evaluate import REPORT_DIR, TEST_CONFUSIONS, save_confusions
 from training.run.quiet import quiet_worker_logs
 from training.run.rank_data import TrainData, build_loaders
@@ -113,6 +113,8 @@ def _train(
     trainer = RankTrainer(state, world, forward, data, metrics, poster, device, tracker)
     while state.pos.epoch < cfg.optim.epochs:
         steps, seconds = trainer.train_epoch()
+        if trainer.stopped:
+            return
         record = trainer.validate(steps, seconds)
         wait_share = trainer.clock.waited / seconds if seconds > 0 else 0.0
         tracker.metrics(tracking.epoch_metrics(record, wait_share), state.pos.step)
@@ -164,6 +166,7 @@ class RankTrainer:
         self.sums = LossSums(device)
         self.clock = StepClock(metrics)
         self.loss: float | None = None  # the last loss read from the device, for the progress line
+        self.stopped = False  # at a checkpoint asked for (`training.run.stop`)
 
     def train_epoch(self) -> tuple[int, float]:
         """The epoch's steps left from the position, with a checkpoint every
@@ -186,6 +189,11 @@ class RankTrainer:
             if pos.step % cfg.run.log_every == 0:
                 # The host sync waits for the steps queued on the GPU: step time, not data wait.
                 self.read_losses()
+                if i < steps - 1 and stop.asked(cfg, self.world, self.device):
+                    # SIGUSR1 to the driver: every rank checkpoints here, and the run ends.
+                    self.checkpoint({"epoch": pos.epoch, "step": pos.step, stop.STOPPED: True})
+                    self.stopped = True
+                    return i + 1, time.perf_counter() - started
             self.clock.step_done({n: len(y) for n, y in zip(self.names, targets, strict=True)})
             self.poster.step(pos.epoch, i + 1, steps, (i + 1) * self.stride,
                              time.perf_counter() - started, self.loss)  # fmt: skip
