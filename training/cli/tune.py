@@ -25,25 +25,22 @@ interrupted or failed trial starts again and its training resumes from its own c
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from cluster import storage
 from cluster.errors import UserError
 from data_prep.contract import read_manifest
-from training.cli.search_space import FORMS, SEARCHED, adapter_stages, parse_space, spec_values
+from training.cli.search_space import FORMS, SEARCHED, adapter_stages, parse_space
+from training.cli.tune_spec import SPEC_FILE, record_search, settings
 from training.cli.tune_table import METRIC, TuneOutcome, print_table, table_csv, trial_row
 from training.config import TrainConfig
 from training.run import tracking
 
 """What ASHA ranks trials by: the mean validation accuracy of an epoch's report."""
 TUNE_DIR = "tune"
-SPEC_FILE = "tune.json"
 TABLE_FILE = "trials.csv"
 TRIAL_CPU = 0.01
 """A trial's own actor only waits on its Train controller; Ray refuses a request of 0."""
-LOCAL_SETTINGS = ("debug", "s3_endpoint", "s3_timeout", "cache_dir", "cache_size", "start_timeout")
-"""Flags that may differ on a rerun: they say where and how, not what, a trial trains."""
 
 
 # --- one trial, in its Tune actor -----------------------------------------------------------
@@ -128,7 +125,7 @@ def run_tune(
     experiment = f"{path.rstrip('/')}/{TUNE_DIR}"
     restoring = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
     spec = {"space": specs, "trials": trials, "max_concurrent": max_concurrent}
-    _record_search(run_dir, {**spec, "train": _settings(base)}, restoring)
+    record_search(run_dir, {**spec, "train": settings(base)}, restoring)
 
     connect(address)
     # With --mlflow, the search is an MLflow run, and each trial a child run of it.
@@ -139,7 +136,7 @@ def run_tune(
     try:
         grid = tuner.fit()
     except BaseException as e:
-        tracking.end_run(tracker, cfg, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(tracker, cfg, tracking.status_of(e))
         raise
     outcome = _outcome(grid, run_dir, cfg.optim.epochs, tracker.link())
     files = {
@@ -272,58 +269,6 @@ def _trials_that_fit(resources: dict, cfg: TrainConfig) -> int:
     else:
         need, kind = cfg.cluster.cpus_per_worker * cfg.cluster.workers + TRIAL_CPU, "CPU"
     return max(1, int(resources.get(kind, 0) // need)) if need else 1
-
-
-def _settings(base: TrainConfig) -> dict:
-    return {k: v for k, v in base.flat().items() if k not in LOCAL_SETTINGS}
-
-
-def _record_search(run_dir: str, spec: dict, restoring: bool) -> None:
-    """RUNS/NAME/tune.json holds the flags a search started with. Tune restores the trials
-    with the values and flags they started with, so a rerun must give the same ones."""
-    url = storage.join(run_dir, SPEC_FILE)
-    spec = json.loads(json.dumps(spec))  # as it reads back: lists, not tuples
-    if restoring and storage.exists(url):
-        _check_same_search(run_dir, json.loads(storage.read_bytes(url)), spec)
-        return
-    storage.write_bytes(url, (json.dumps(spec, indent=2) + "\n").encode())
-
-
-def _check_same_search(run_dir: str, before: dict, now: dict) -> None:
-    difference = _first_difference(before, now)
-    if difference:
-        raise UserError(
-            f"the search {run_dir} was started with other flags ({difference}); rerun it "
-            "with the flags it started with to resume it, or give a new --name"
-        )
-    given, started = now["max_concurrent"], before.get("max_concurrent")
-    if given is not None and given != started:
-        # Tuner.restore takes no TuneConfig, and the searcher's saved state has its limit.
-        raise UserError(
-            f"--max-concurrent {given}: Ray resumes the search {run_dir} with the limit it "
-            f"started with ({started or 'as many trials as the cluster fitted'}); rerun "
-            "without --max-concurrent, or give a new --name"
-        )
-
-
-def _first_difference(before: dict, now: dict) -> str | None:
-    """The first flag that differs, searched specs compared by value (1e-3 is 0.001)."""
-    if before.get("trials") != now["trials"]:
-        return f"--trials {before.get('trials')}, now {now['trials']}"
-    for key, flag in SEARCHED.items():
-        old, new = before.get("space", {}).get(key), now["space"][key]
-        if old is None and new is None:
-            continue  # --batch-size, not searched beside --global-batch
-        if old is None or new is None or spec_values(flag, old) != spec_values(flag, new):
-            return f"{flag} {old}, now {now['space'][key]}"
-    old = before.get("train", {})
-    for key, value in now["train"].items():
-        if old.get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            return f"{flag} {old.get(key)}, now {value}"
-    if old.keys() != now["train"].keys():
-        return "a different version of metatrainer"
-    return None
 
 
 # --- the command ----------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def run_training(
     try:
         result = _fit(trainer, cfg, line)
     except BaseException as e:
-        tracking.end_run(tracker, cfg, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracking.end_run(tracker, cfg, tracking.status_of(e))
         raise
     return _finish(cfg, result, tracker)
 

@@ -138,6 +138,11 @@ def finish_run(
     tracker.end("FINISHED")
 
 
+def status_of(error: BaseException) -> str:
+    """The MLflow status of a run that `error` ended: KILLED by Ctrl-C, else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 def end_run(tracker: Tracker | NullTracker, cfg: TrainConfig, status: str) -> None:
     """The driver, when training did not finish: the run FAILED or KILLED (silent when rank
     0 found the server gone)."""
