@@ -1,8 +1,9 @@
 """deploy/slurm/metatrainer.sbatch on a real one-node SLURM (`slurm_support.SlurmCluster`):
 prep and train jobs that complete; a training cancelled after its first checkpoint, then
-stopped at a checkpoint by SIGUSR1 (what `--signal B:USR1@SECONDS` sends before the time
-limit), then resubmitted, ends with the uninterrupted run's weights; a job whose command fails
-is FAILED with metatrainer's one line. No job leaves a process behind."""
+stopped at a checkpoint by a SIGUSR1 (what `--signal B:USR1@SECONDS` sends before the time
+limit) that came while its Ray was starting, then resubmitted, ends with the uninterrupted
+run's weights; a job whose command fails is FAILED with metatrainer's one line. No job leaves
+a process behind."""
 
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ def wait_for_checkpoint(slurm: SlurmCluster, job: str, run: Path, after: list[st
     raise AssertionError(f"no new checkpoint in {run}: {slurm.output(job)[-3000:]}")
 
 
+def wait_for_output(slurm: SlurmCluster, job: str, text: str) -> None:
+    deadline = time.monotonic() + 120
+    while text not in slurm.output(job):
+        assert time.monotonic() < deadline, f"{text!r} not in the job's output"
+        time.sleep(0.2)
+
+
 def test_prep_train_cancel_stop_and_resume(slurm, job_env, digits_dir, tmp_path):
     shards, runs = tmp_path / "shards", tmp_path / "runs"
     prep = slurm.sbatch(["prep", str(digits_dir), str(shards), "--num-shards", "4"], job_env)
@@ -102,18 +110,20 @@ def test_prep_train_cancel_stop_and_resume(slurm, job_env, digits_dir, tmp_path)
     assert_ended(slurm, first, "CANCELLED", None)
     assert not (runs / "cut" / "result.json").exists()
 
-    # Resubmitted: it resumes; SIGUSR1 to the batch shell (what --signal B:USR1@SECONDS sends
-    # before the time limit) makes it checkpoint and stop, exit status 75.
+    # Resubmitted: SIGUSR1 to the batch shell (what --signal B:USR1@SECONDS sends before the
+    # time limit) while its Ray is still starting, i.e. before the training could take it: it
+    # resumes, checkpoints at its first chance and stops, exit status 75.
     before = checkpoints(runs / "cut")
     second = slurm.sbatch(cut, job_env)
-    wait_for_checkpoint(slurm, second, runs / "cut", before)
+    wait_for_output(slurm, second, ": Ray head on ")
     slurm.cancel(second, "--batch", "--signal=USR1")
     assert_ended(slurm, second, "FAILED", "75:0")
     out = slurm.output(second)
+    assert out.index("got SIGUSR1") < out.index("running: metatrainer train"), out
     assert re.search(r"resuming cut at epoch \d+, sample \d+ \(step [1-9]\d*\)", out), out
     stopped = re.search(r"metatrainer train: stopped at step (\d+) .* checkpoint (\S+);", out)
     assert stopped, out
-    assert Path(stopped.group(2)).name in checkpoints(runs / "cut")
+    assert Path(stopped.group(2)).name in set(checkpoints(runs / "cut")) - set(before)
 
     # Resubmitted again: it resumes at the stop and ends with the uninterrupted run's weights.
     third = slurm.sbatch(cut, job_env)
