@@ -235,6 +235,11 @@ FLAGS = {
 """Flat name → its flag (None: none of its own)."""
 
 
+def flag_name(flat: str) -> str:
+    """How a message names the flag of a flat config name (`--lr`), own flag or not."""
+    return FLAGS.get(flat) or "--" + flat.replace("_", "-")
+
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """A section's attribute docstrings, {field: text on one line}, read from its source."""

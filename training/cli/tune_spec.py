@@ -9,7 +9,7 @@ import json
 from cluster import storage
 from cluster.errors import UserError
 from training.cli.search_space import SEARCHED, spec_values
-from training.config import TrainConfig
+from training.config import TrainConfig, flag_name
 
 SPEC_FILE = "tune.json"
 LOCAL_SETTINGS = ("debug", "s3_endpoint", "s3_timeout", "cache_dir", "cache_size", "start_timeout")
@@ -61,8 +61,7 @@ def _first_difference(before: dict, now: dict) -> str | None:
     old = before.get("train", {})
     for key, value in now["train"].items():
         if old.get(key) != value:
-            flag = "--" + key.replace("_", "-")
-            return f"{flag} {old.get(key)}, now {value}"
+            return f"{flag_name(key)} {old.get(key)}, now {value}"
     if old.keys() != now["train"].keys():
         return "a different version of metatrainer"
     return None

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from cluster import storage
 from cluster.errors import UserError
 from cluster.world import World
-from training.config import FLAGS, FLAT_NAMES, SECTIONS, TrainConfig
+from training.config import FLAT_NAMES, SECTIONS, TrainConfig, flag_name
 from training.model.checkpoint import TrainState, load_state
 
 # Every TrainConfig field is one or the other (a test holds them to it). The identity fields
@@ -266,7 +266,7 @@ def _as_flags(name: str, value: Any) -> str:
     """A field's value as the flags that give it (`--lr 0.05`, `no --init-from`)."""
     if name == "augment":
         return "augmentation on" if value else "--no-augment"
-    flag = FLAGS.get(name) or "--" + name.replace("_", "-")
+    flag = flag_name(name)
     if value is None or value is False or value == []:
         return f"no {flag}"
     if value is True:
